@@ -1,0 +1,1 @@
+"""Checkpoints: HF-format model directories, tier export, manifests, loading strategies."""

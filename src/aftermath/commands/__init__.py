@@ -1,0 +1,1 @@
+"""Subcommands of the `aftermath` CLI, one module each (see aftermath.cli)."""

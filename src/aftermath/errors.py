@@ -1,0 +1,25 @@
+"""One exception family. Every message says what was wrong, with the offending value, and how to fix it."""
+
+
+class AftermathError(Exception):
+    """Base of every error Aftermath raises on purpose."""
+
+
+class ConfigError(AftermathError):
+    """A configuration value (model, tier, run) is invalid."""
+
+
+class TierError(ConfigError):
+    """A tier or Mix'n'Match spec cannot exist for this model."""
+
+
+class CheckpointError(AftermathError):
+    """A checkpoint, manifest or tier directory is missing, corrupt or incompatible."""
+
+
+class PayloadError(AftermathError):
+    """An update payload is malformed or does not match the run."""
+
+
+class DataError(AftermathError):
+    """Training data is missing, malformed or incompatible with the model."""

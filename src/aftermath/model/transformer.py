@@ -1,0 +1,196 @@
+"""The MatFormer transformer: LLaMA-style (RMSNorm, RoPE, SwiGLU, grouped-query attention).
+
+Parameter names follow Hugging Face Llama. One module serves both roles:
+- the *universal* model run at a tier: `model(ids, spec=tier_spec(cfg, 1))` reads prefix views of its
+  weights, so it computes only the tier's widths and every weight outside the tier gets exactly zero
+  gradient;
+- a *sliced* model, built from `sliced_config(cfg, spec)`, which holds only the prefix weights.
+Both give the same logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aftermath.errors import ConfigError, TierError
+from aftermath.model.config import MatFormerConfig
+from aftermath.model.geometry import TierSpec, own_spec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MatFormerConfig, q_heads: int, kv_heads: int) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.head_dim = hd
+        self.q_proj = nn.Linear(d, q_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(q_heads * hd, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        hd = self.head_dim
+        # Prefix views: the tier's heads are the first q_heads / kv_heads heads.
+        q = F.linear(x, self.q_proj.weight[: q_heads * hd]).view(b, s, q_heads, hd).transpose(1, 2)
+        k = F.linear(x, self.k_proj.weight[: kv_heads * hd]).view(b, s, kv_heads, hd).transpose(1, 2)
+        v = F.linear(x, self.v_proj.weight[: kv_heads * hd]).view(b, s, kv_heads, hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        group = q_heads // kv_heads
+        if group > 1:  # query head j reads KV head j // group, as Hugging Face's repeat_kv
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = out.transpose(1, 2).reshape(b, s, q_heads * hd)
+        return F.linear(out, self.o_proj.weight[:, : q_heads * hd])
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MatFormerConfig, width: int) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.act = config.hidden_act
+        self.gate_proj = nn.Linear(d, width, bias=False) if self.act == "silu" else None
+        self.up_proj = nn.Linear(d, width, bias=False)
+        self.down_proj = nn.Linear(width, d, bias=False)
+
+    def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        up = F.linear(x, self.up_proj.weight[:width])
+        if self.act == "silu":
+            hidden = F.silu(F.linear(x, self.gate_proj.weight[:width])) * up
+        else:  # relu2
+            hidden = F.relu(up).square()
+        return F.linear(hidden, self.down_proj.weight[:, :width])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MatFormerConfig, ffn_width: int, q_heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, q_heads, kv_heads)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, ffn_width)
+
+
+class Backbone(nn.Module):
+    """`model.*` in Hugging Face names."""
+
+    def __init__(self, config: MatFormerConfig, spec: TierSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, g.ffn_width, g.q_heads, g.kv_heads) for g in spec.layers
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MatFormerLM(nn.Module):
+    def __init__(self, config: MatFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = own_spec(config)
+        self.model = Backbone(config, self.spec)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> "MatFormerLM":
+        """GPT-2-style init from a seed: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in sorted(self.named_parameters()):
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                s = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=gen) * s)
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def check_spec(self, spec: TierSpec | None) -> TierSpec:
+        if spec is None:
+            return self.spec
+        if not spec.fits_within(self.spec):
+            raise TierError(
+                f"{spec.name} (FFN widths {list(spec.ffn_widths)}, heads {list(spec.q_heads)}) does not fit within "
+                f"this model's own geometry {self.spec.name} (FFN widths {list(self.spec.ffn_widths)}, heads "
+                f"{list(self.spec.q_heads)}): a sliced model can only run at its own tier or a smaller one"
+            )
+        return spec
+
+    def forward(self, input_ids: torch.Tensor, spec: TierSpec | None = None) -> torch.Tensor:
+        """Logits of `input_ids` (batch, seq) computed at `spec` (default: the model's own geometry)."""
+        spec = self.check_spec(spec)
+        seq = input_ids.shape[-1]
+        if seq > self.config.max_position_embeddings:
+            raise ConfigError(
+                f"sequence length {seq} exceeds max_position_embeddings {self.config.max_position_embeddings}; "
+                f"use a sequence length <= {self.config.max_position_embeddings}"
+            )
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(seq, x.device, x.dtype)
+        for layer, g in zip(self.model.layers, spec.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, g.q_heads, g.kv_heads)
+            x = x + layer.mlp(layer.post_attention_layernorm(x), g.ffn_width)
+        x = self.model.norm(x)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, spec: TierSpec | None = None) -> torch.Tensor:
+        logits = self(input_ids, spec)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters by their checkpoint name (a tied lm_head is not a separate parameter)."""
+        return dict(self.named_parameters())
+
+
+def build_model(config: MatFormerConfig, seed: int | None = None) -> MatFormerLM:
+    model = MatFormerLM(config)
+    if seed is not None:
+        model.init_weights(seed)
+    return model
