@@ -15,10 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from aftermath.errors import ConfigError, TierError
 from aftermath.model.config import MatFormerConfig
-from aftermath.model.geometry import TierSpec, own_spec
+from aftermath.model.geometry import LayerGeometry, TierSpec, own_spec
 
 
 class RMSNorm(nn.Module):
@@ -126,6 +127,12 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def _layer_forward(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   g: LayerGeometry) -> torch.Tensor:
+    x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, g.q_heads, g.kv_heads)
+    return x + layer.mlp(layer.post_attention_layernorm(x), g.ffn_width)
+
+
 class MatFormerLM(nn.Module):
     def __init__(self, config: MatFormerConfig) -> None:
         super().__init__()
@@ -134,6 +141,9 @@ class MatFormerLM(nn.Module):
         self.model = Backbone(config, self.spec)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        # Recompute each layer's activations in backward instead of keeping them: trades compute for the
+        # activation memory that does not shrink with the tier.
+        self.activation_checkpointing = False
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -174,8 +184,10 @@ class MatFormerLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(seq, x.device, x.dtype)
         for layer, g in zip(self.model.layers, spec.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, g.q_heads, g.kv_heads)
-            x = x + layer.mlp(layer.post_attention_layernorm(x), g.ffn_width)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(_layer_forward, layer, x, cos, sin, g, use_reentrant=False)
+            else:
+                x = _layer_forward(layer, x, cos, sin, g)
         x = self.model.norm(x)
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head)
