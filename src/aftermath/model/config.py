@@ -201,8 +201,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(vocab_size=4096, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                   matformer_nest_heads=True),
-    # GPT-2-124M class: 12 layers, 768 wide, 12 heads, tied 50k vocabulary
-    "gpt2-124m": dict(vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    # GPT-2-124M class: 12 layers, 768 wide, 12 heads, tied 50k vocabulary, SwiGLU at 8/3 width (~124M)
+    "gpt2-124m": dict(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                       num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
                       matformer_nest_heads=True, matformer_min_attention_heads=3),
 }
