@@ -1,0 +1,416 @@
+"""The run's state machine: epochs and rounds, as in Psyche's coordinator. Pure: no sockets, no files, no clock.
+
+Phases:
+
+    WaitingForMembers -> Warmup -> RoundTrain -> RoundWitness -> RoundTrain -> ... -> Cooldown
+        -> WaitingForMembers (next epoch) ... -> Finished
+
+- WaitingForMembers: clients join. When the quorum is there (`init_min_clients` for the first epoch,
+  `min_clients` later) the machine waits `waiting_for_members_extra_time` more, then starts the warmup.
+- Warmup: every member fetches the current model and says it is ready. Ends when all are ready, or at
+  `warmup_time` (members not ready then wait for the next epoch). Falling below the quorum returns the run
+  to WaitingForMembers.
+- RoundTrain: the round's global batch is split among the members; each trains its range and commits a
+  result (a blob). Ends when every assigned result is in, else at `max_round_train_time`.
+- RoundWitness: the accepted set (the results that came in, sorted by client id) is published; every member
+  applies exactly that set and says so. Ends when all have applied, else at `round_witness_time` (members
+  that have not applied are out of sync: they leave the epoch and resynchronise at the next one).
+- Cooldown: the epoch's checkpoint is written (the service says when: `checkpoint_done`) and members report
+  their replica hash. Ends when the checkpoint is done and every member has reported (or `cooldown_time`).
+
+The owner calls `tick(now)` often; every call returns the events that happened, for the service to act on
+(write a checkpoint, apply a round, log). Clients that join after WaitingForMembers wait for the next epoch.
+A member silent for `heartbeat_timeout` is dropped; a round never waits for a dropped member.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from aftermath.coordinator.assignment import BatchRange, assign_batches
+from aftermath.errors import AftermathError
+from aftermath.runconfig import ScheduleSection
+
+
+class Phase(str, Enum):
+    WAITING_FOR_MEMBERS = "WaitingForMembers"
+    WARMUP = "Warmup"
+    ROUND_TRAIN = "RoundTrain"
+    ROUND_WITNESS = "RoundWitness"
+    COOLDOWN = "Cooldown"
+    FINISHED = "Finished"
+
+
+class Rejected(AftermathError):
+    """A client's call does not fit the run's current state (the reason says why); nothing changed."""
+
+
+@dataclass
+class ClientInfo:
+    """What a client declares when it joins."""
+
+    tier: int | None
+    spec: str  # the tier's or Mix'n'Match spec's name, e.g. "tier1"
+    device: str = "cpu"
+    memory_bytes: int = 0
+    throughput: float = 1.0  # sequences per second it expects to train
+
+
+@dataclass
+class Member:
+    id: str
+    info: ClientInfo
+    joined_at: float
+    last_seen: float
+    status: str = "pending"  # pending (waits for an epoch), member (in the epoch), gone
+    throughput: float = 1.0  # sequences/s: declared at join, then measured (moving average)
+    ready_epoch: int = -1  # the epoch this member said it is ready for
+    rounds_contributed: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)  # last reported loss, bytes, tokens/s ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "tier": self.info.tier, "spec": self.info.spec, "device": self.info.device,
+                "memory_bytes": self.info.memory_bytes, "status": self.status,
+                "throughput": round(self.throughput, 4), "ready_epoch": self.ready_epoch,
+                "rounds_contributed": self.rounds_contributed, "last_seen": self.last_seen, "stats": self.stats}
+
+
+@dataclass
+class Commit:
+    """A client's result for a round: the blob holding its payload, and how it was made."""
+
+    client_id: str
+    step: int
+    blob: str  # sha256 of the payload blob
+    tier: int | None
+    spec: str
+    sequences: int
+    train_seconds: float
+    loss: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "step": self.step, "blob": self.blob, "tier": self.tier,
+                "spec": self.spec, "sequences": self.sequences, "train_seconds": self.train_seconds,
+                "loss": self.loss}
+
+
+@dataclass
+class Round:
+    step: int
+    epoch: int
+    seed: int
+    started_at: float
+    assignments: dict[str, BatchRange]
+    commits: dict[str, Commit] = field(default_factory=dict)
+    accepted: list[Commit] | None = None  # published when the witness phase starts
+    applied: set[str] = field(default_factory=set)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "seed": self.seed, "started_at": self.started_at,
+                "assignments": {k: v.to_json() for k, v in sorted(self.assignments.items())},
+                "committed": sorted(self.commits),
+                "accepted": None if self.accepted is None else [c.to_json() for c in self.accepted],
+                "applied": sorted(self.applied)}
+
+
+@dataclass
+class HashReport:
+    client_id: str
+    tier: int | None
+    spec: str
+    epoch: int
+    step: int
+    weights_sha256: str
+
+
+# ------------------------------------------------------------------------------------------ events
+@dataclass(frozen=True)
+class Event:
+    kind: str  # phase, round_started, round_accepted, epoch_ended, dropped, joined, finished
+    data: dict[str, Any]
+
+
+def round_seed(run_seed: int, run_id: str, step: int) -> int:
+    digest = hashlib.sha256(f"{run_id}:{run_seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class RunStateMachine:
+    """The run, as a pure state machine. `now` is injected into every call (seconds, any monotonic clock)."""
+
+    def __init__(self, schedule: ScheduleSection, now: float, *, run_id: str = "run", seed: int = 0,
+                 step: int = 0, epoch: int = 0) -> None:
+        self.schedule = schedule
+        self.run_id = run_id
+        self.seed = seed
+        self.phase = Phase.WAITING_FOR_MEMBERS
+        self.phase_started = now
+        self.quorum_since: float | None = None
+        self.step = step  # steps completed = the step the next round trains
+        self.epoch = epoch
+        self.epoch_started = now
+        self.epoch_start_step = step
+        self.members: dict[str, Member] = {}
+        self.round: Round | None = None
+        self.last_round: Round | None = None
+        self.checkpoint_epoch = epoch - 1  # the last epoch whose checkpoint is written (-1: the initial one)
+        self.checkpoint_step = step
+        self.hash_reports: dict[int, dict[str, HashReport]] = {}  # epoch -> client -> report
+        self.version = 0  # bumps on every change, for watchers
+        self._events: list[Event] = []
+
+    # ------------------------------------------------------------------------------ helpers
+    def _emit(self, kind: str, **data: Any) -> None:
+        self._events.append(Event(kind, data))
+        self.version += 1
+
+    def _set_phase(self, phase: Phase, now: float) -> None:
+        old = self.phase
+        self.phase = phase
+        self.phase_started = now
+        self._emit("phase", old=old.value, new=phase.value, step=self.step, epoch=self.epoch)
+
+    def active(self) -> list[Member]:
+        """Members of the current epoch, sorted by id."""
+        return [m for _, m in sorted(self.members.items()) if m.status == "member"]
+
+    def _quorum(self) -> int:
+        return self.schedule.init_min_clients if self.epoch == 0 and self.step == 0 else self.schedule.min_clients
+
+    def deadline(self) -> float | None:
+        s = self.schedule
+        return {
+            Phase.WARMUP: self.phase_started + s.warmup_time,
+            Phase.ROUND_TRAIN: self.phase_started + s.max_round_train_time,
+            Phase.ROUND_WITNESS: self.phase_started + s.round_witness_time,
+            Phase.COOLDOWN: self.phase_started + s.cooldown_time,
+        }.get(self.phase)
+
+    def _member(self, client_id: str) -> Member:
+        member = self.members.get(client_id)
+        if member is None or member.status == "gone":
+            raise Rejected(f"client {client_id!r} is not in the run (dropped or never joined); join again")
+        return member
+
+    # ------------------------------------------------------------------------------ client calls
+    def join(self, client_id: str, info: ClientInfo, now: float) -> Member:
+        """Admit a client: into the current epoch while WaitingForMembers, else for the next epoch."""
+        if self.phase == Phase.FINISHED:
+            raise Rejected("the run has finished; nothing left to train")
+        old = self.members.get(client_id)
+        if old is not None and old.status != "gone":
+            raise Rejected(f"client id {client_id!r} is already in the run")
+        status = "member" if self.phase == Phase.WAITING_FOR_MEMBERS else "pending"
+        member = Member(id=client_id, info=info, joined_at=now, last_seen=now, status=status,
+                        throughput=info.throughput if info.throughput > 0 else 1.0)
+        self.members[client_id] = member
+        if status == "member" and self.quorum_since is None and len(self.active()) >= self._quorum():
+            self.quorum_since = now  # the extra waiting time counts from the moment the quorum was reached
+        self._emit("joined", client_id=client_id, status=status, tier=info.tier)
+        return member
+
+    def leave(self, client_id: str, now: float, reason: str = "left") -> None:
+        member = self.members.get(client_id)
+        if member is None or member.status == "gone":
+            return
+        was_member = member.status == "member"
+        member.status = "gone"
+        self._emit("dropped", client_id=client_id, reason=reason, step=self.step)
+        if was_member:
+            self._after_member_lost(now)
+
+    def heartbeat(self, client_id: str, now: float, stats: dict[str, Any] | None = None) -> Member:
+        member = self._member(client_id)
+        member.last_seen = now
+        if stats:
+            member.stats.update(stats)
+        return member
+
+    def ready(self, client_id: str, epoch: int, now: float) -> None:
+        member = self.heartbeat(client_id, now)
+        if epoch != self.epoch:
+            raise Rejected(f"ready for epoch {epoch}, but the run is in epoch {self.epoch}")
+        if member.status != "member":
+            raise Rejected(f"client {client_id!r} is {member.status}: it waits for the next epoch")
+        if member.ready_epoch != epoch:
+            member.ready_epoch = epoch
+            self.version += 1
+
+    def commit(self, commit: Commit, now: float) -> None:
+        """Record a client's result for the current round."""
+        member = self.heartbeat(commit.client_id, now)
+        rnd = self.round
+        if self.phase != Phase.ROUND_TRAIN or rnd is None:
+            raise Rejected(f"results are taken in RoundTrain; the run is in {self.phase.value}")
+        if commit.step != rnd.step:
+            raise Rejected(f"result for step {commit.step}, but the round trains step {rnd.step}")
+        if commit.client_id not in rnd.assignments:
+            raise Rejected(f"client {commit.client_id!r} has no batch in step {rnd.step}")
+        if commit.client_id in rnd.commits:
+            raise Rejected(f"client {commit.client_id!r} already committed step {rnd.step}")
+        if commit.sequences != rnd.assignments[commit.client_id].size:
+            raise Rejected(f"result covers {commit.sequences} sequences, the assignment "
+                           f"{rnd.assignments[commit.client_id].size}")
+        if commit.spec != member.info.spec:
+            raise Rejected(f"result is for {commit.spec}, the client joined as {member.info.spec}")
+        rnd.commits[commit.client_id] = commit
+        if commit.train_seconds > 0:  # measured throughput, smoothed
+            measured = commit.sequences / commit.train_seconds
+            member.throughput = 0.5 * member.throughput + 0.5 * measured
+        self.version += 1
+
+    def applied(self, client_id: str, step: int, now: float) -> None:
+        member = self.heartbeat(client_id, now)
+        rnd = self.round
+        if self.phase != Phase.ROUND_WITNESS or rnd is None or rnd.step != step:
+            raise Rejected(f"step {step} is not being witnessed (phase {self.phase.value}, "
+                           f"step {rnd.step if rnd else None})")
+        if member.status != "member":
+            raise Rejected(f"client {client_id!r} is {member.status}, not in this epoch")
+        if client_id not in rnd.applied:
+            rnd.applied.add(client_id)
+            self.version += 1
+
+    def report_hash(self, client_id: str, epoch: int, step: int, weights_sha256: str, now: float) -> None:
+        member = self.heartbeat(client_id, now)
+        if step != self.step:
+            raise Rejected(f"hash reported for step {step}, but the run is at step {self.step}")
+        self.hash_reports.setdefault(epoch, {})[client_id] = HashReport(
+            client_id, member.info.tier, member.info.spec, epoch, step, weights_sha256)
+        self.version += 1
+
+    def checkpoint_done(self, epoch: int, step: int, now: float) -> None:
+        """The service wrote the checkpoint of `epoch` (the model after `step` steps)."""
+        self.checkpoint_epoch = epoch
+        self.checkpoint_step = step
+        self.version += 1
+
+    # ------------------------------------------------------------------------------ ticking
+    def tick(self, now: float) -> list[Event]:
+        """Advance by the clock: timeouts, drops, phase changes. Returns the events since the last tick."""
+        for member in self.active() + [m for m in self.members.values() if m.status == "pending"]:
+            if now - member.last_seen > self.schedule.heartbeat_timeout:
+                self.leave(member.id, now, reason=f"no heartbeat for {now - member.last_seen:.1f}s")
+        for _ in range(8):  # a few transitions may chain within one tick
+            if not self._advance(now):
+                break
+        events, self._events = self._events, []
+        return events
+
+    def _advance(self, now: float) -> bool:
+        s = self.schedule
+        phase = self.phase
+        if phase == Phase.WAITING_FOR_MEMBERS:
+            if len(self.active()) >= self._quorum():
+                if self.quorum_since is None:
+                    self.quorum_since = now
+                if now - self.quorum_since >= s.waiting_for_members_extra_time:
+                    self.quorum_since = None
+                    self._set_phase(Phase.WARMUP, now)
+                    return True
+            else:
+                self.quorum_since = None
+            return False
+        if phase == Phase.WARMUP:
+            members = self.active()
+            if all(m.ready_epoch == self.epoch for m in members) or now >= self.deadline():
+                for m in members:
+                    if m.ready_epoch != self.epoch:  # too slow to load: try again next epoch
+                        m.status = "pending"
+                        self._emit("deferred", client_id=m.id, reason="not ready by the end of warmup")
+                if len(self.active()) < self._quorum():
+                    self._set_phase(Phase.WAITING_FOR_MEMBERS, now)
+                    return True
+                self._start_round(now)
+                return True
+            return False
+        if phase == Phase.ROUND_TRAIN:
+            rnd = self.round
+            assert rnd is not None
+            live = {m.id for m in self.active()}
+            waiting = [cid for cid in rnd.assignments if cid in live and cid not in rnd.commits]
+            if not waiting or now >= self.deadline():
+                rnd.accepted = [rnd.commits[cid] for cid in sorted(rnd.commits)]
+                for c in rnd.accepted:
+                    self.members[c.client_id].rounds_contributed += 1
+                self._set_phase(Phase.ROUND_WITNESS, now)
+                self._emit("round_accepted", step=rnd.step, accepted=[c.to_json() for c in rnd.accepted],
+                           missing=sorted(set(rnd.assignments) - set(rnd.commits)))
+                return True
+            return False
+        if phase == Phase.ROUND_WITNESS:
+            rnd = self.round
+            assert rnd is not None
+            members = self.active()
+            if all(m.id in rnd.applied for m in members) or now >= self.deadline():
+                for m in members:
+                    if m.id not in rnd.applied:  # out of sync: resynchronise from the next checkpoint
+                        m.status = "pending"
+                        self._emit("deferred", client_id=m.id, reason=f"did not apply step {rnd.step} in time")
+                self.step = rnd.step + 1
+                self.last_round, self.round = rnd, None
+                epoch_over = (self.step - self.epoch_start_step >= s.rounds_per_epoch
+                              or self.step >= s.total_steps
+                              or (s.epoch_time > 0 and now - self.epoch_started >= s.epoch_time)
+                              or len(self.active()) < s.min_clients)
+                if epoch_over:
+                    self._set_phase(Phase.COOLDOWN, now)
+                    self._emit("epoch_ended", epoch=self.epoch, step=self.step)
+                else:
+                    self._start_round(now)
+                return True
+            return False
+        if phase == Phase.COOLDOWN:
+            if self.checkpoint_epoch < self.epoch:
+                return False  # never leave before the epoch's checkpoint exists: joiners need it
+            reports = self.hash_reports.get(self.epoch, {})
+            if all(m.id in reports for m in self.active()) or now >= self.deadline():
+                if self.step >= s.total_steps:
+                    self._set_phase(Phase.FINISHED, now)
+                    self._emit("finished", step=self.step, epoch=self.epoch)
+                    return True
+                self.epoch += 1
+                self.epoch_start_step = self.step
+                for m in self.members.values():
+                    if m.status == "pending":
+                        m.status = "member"
+                self._set_phase(Phase.WAITING_FOR_MEMBERS, now)
+                self.epoch_started = now
+                return True
+            return False
+        return False
+
+    def _start_round(self, now: float) -> None:
+        members = self.active()
+        if self.phase == Phase.WARMUP:
+            self.epoch_started = now
+        assignments = assign_batches(self.step, self.schedule.global_batch_size,
+                                     {m.id: m.throughput for m in members})
+        self.round = Round(step=self.step, epoch=self.epoch, seed=round_seed(self.seed, self.run_id, self.step),
+                           started_at=now, assignments=assignments)
+        self._set_phase(Phase.ROUND_TRAIN, now)
+        self._emit("round_started", step=self.step, assignments={k: v.to_json() for k, v in assignments.items()})
+
+    def _after_member_lost(self, now: float) -> None:
+        # Warmup below quorum goes back to waiting; rounds simply stop waiting for the lost member (tick).
+        if self.phase == Phase.WARMUP and len(self.active()) < self._quorum():
+            self._set_phase(Phase.WAITING_FOR_MEMBERS, now)
+
+    # ------------------------------------------------------------------------------ views
+    def snapshot(self, now: float) -> dict[str, Any]:
+        rnd = self.round or self.last_round
+        deadline = self.deadline()
+        return {
+            "version": self.version, "run_id": self.run_id, "phase": self.phase.value,
+            "phase_started": self.phase_started, "deadline": deadline,
+            "seconds_left": None if deadline is None else max(0.0, deadline - now),
+            "epoch": self.epoch, "step": self.step, "total_steps": self.schedule.total_steps,
+            "rounds_per_epoch": self.schedule.rounds_per_epoch,
+            "global_batch_size": self.schedule.global_batch_size,
+            "round": None if rnd is None else rnd.to_json(),
+            "checkpoint": {"epoch": self.checkpoint_epoch, "step": self.checkpoint_step},
+            "members": [m.to_json() for _, m in sorted(self.members.items())],
+        }

@@ -1,0 +1,177 @@
+"""The run configuration: one TOML file, validated by pydantic, every field with a documented default.
+
+A run is data. `load_run_config(path)` reads a TOML file (sections as below) on top of the embedded
+default run (`aftermath/configs/default.toml`); `RunConfig()` alone is that default. The command line
+overrides a few fields (`with_overrides`). Unknown keys are errors, so a typo never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aftermath.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    preset: str = Field("tiny", description="model preset of aftermath.model.preset_config: tiny, small, gpt2-124m")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="MatFormerConfig fields replacing the preset's (e.g. num_hidden_layers)")
+    init: str = Field("", description="a universal checkpoint directory to start from; empty = initialise from `seed`")
+    export_tiers: list[int] = Field(default_factory=lambda: [0, 1, 2],
+                                    description="tiers exported beside the universal checkpoint at each epoch end")
+
+
+class ScheduleSection(_Section):
+    """Quorums and timeouts of the state machine (seconds), and the length of the run."""
+
+    min_clients: int = Field(1, ge=1, description="the run goes on while at least this many clients remain")
+    init_min_clients: int = Field(1, ge=1, description="clients needed before the first epoch's warmup starts")
+    waiting_for_members_extra_time: float = Field(
+        1.0, ge=0, description="after the quorum is reached, wait this long for more clients before warmup")
+    warmup_time: float = Field(120.0, gt=0, description="longest warmup (clients download the model); "
+                               "ends early when every member is ready")
+    max_round_train_time: float = Field(60.0, gt=0, description="a round's training ends at this timeout even if "
+                                        "results are missing (missing results are skipped by everyone)")
+    round_witness_time: float = Field(60.0, gt=0, description="longest time for every member to apply the round's "
+                                      "accepted set; a member that has not applied by then is dropped")
+    cooldown_time: float = Field(60.0, gt=0, description="longest wait at an epoch end for the replica hash reports")
+    rounds_per_epoch: int = Field(20, ge=1, description="rounds (optimizer steps) per epoch; a checkpoint ends each")
+    epoch_time: float = Field(0.0, ge=0, description="if > 0, an epoch also ends after this many seconds")
+    global_batch_size: int = Field(24, ge=1, description="sequences per optimizer step, split among the round's clients")
+    total_steps: int = Field(60, ge=1, description="optimizer steps of the whole run")
+    heartbeat_interval: float = Field(1.0, gt=0, description="how often clients send a heartbeat")
+    heartbeat_timeout: float = Field(15.0, gt=0, description="a client silent this long is dropped")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleSection":
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError(f"heartbeat_timeout {self.heartbeat_timeout} must exceed heartbeat_interval "
+                             f"{self.heartbeat_interval}")
+        return self
+
+
+class OptimizerSection(_Section):
+    name: Literal["distro", "adamw"] = Field("distro", description="distro: compressed DisTrO updates; "
+                                             "adamw: dense gradients averaged, AdamW applied by every replica")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(5, ge=0, description="linear LR warmup steps")
+    schedule: Literal["cosine", "constant", "linear"] = Field("cosine", description="LR decay after warmup")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of `lr`")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    distro: dict[str, Any] = Field(default_factory=dict,
+                                   description="DisTrO codec settings (aftermath.optim.DistroConfig fields: "
+                                   "chunk size, top-k, sign, momentum decay); empty = its defaults")
+
+
+class TrainSection(_Section):
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward on a client "
+                                  "(gradients accumulate over micro-batches)")
+    threads: int = Field(1, ge=1, description="torch threads per client process")
+
+
+class DataSection(_Section):
+    dir: str = Field("", description="prepared token data directory; empty = the embedded Shakespeare corpus")
+    seq_len: int = Field(128, ge=2, description="tokens per training sequence")
+    source: Literal["coordinator", "local"] = Field(
+        "coordinator", description="coordinator: clients fetch token batches from the coordinator; "
+        "local: clients read the same data directory on their own disk")
+    val_sequences: int = Field(32, ge=1, description="held-out sequences the coordinator evaluates per tier at each epoch end")
+
+
+class NetworkSection(_Section):
+    host: str = Field("127.0.0.1", description="address the coordinator listens on (0.0.0.0 for every interface)")
+    port: int = Field(8700, ge=0, le=65535, description="coordinator port (0 = any free port)")
+    token: str = Field("", description="run token a client must present to join; empty = a random one is "
+                       "generated and printed at start")
+    max_blob_bytes: int = Field(64 * 2**20, ge=1024, description="largest payload blob accepted")
+    public_url: str = Field("", description="URL clients use to reach the coordinator, if not http://host:port")
+
+
+class RunConfig(_Section):
+    run_id: str = Field("aftermath-run", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                        description="name of the run; mixed into seeds and payloads")
+    seed: int = Field(0, ge=0, description="seed of the model initialisation and of every round")
+    model: ModelSection = Field(default_factory=ModelSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    data: DataSection = Field(default_factory=DataSection)
+    network: NetworkSection = Field(default_factory=NetworkSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.schedule.init_min_clients < self.schedule.min_clients:
+            raise ValueError(f"schedule.init_min_clients {self.schedule.init_min_clients} is below "
+                             f"schedule.min_clients {self.schedule.min_clients}")
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A copy with dotted-key overrides applied, e.g. {"schedule.total_steps": 10}. None values are skipped."""
+        data = self.model_dump()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            parts = key.split(".")
+            node = data
+            for part in parts[:-1]:
+                if part not in node or not isinstance(node[part], dict):
+                    raise ConfigError(f"unknown run config key {key!r}")
+                node = node[part]
+            if parts[-1] not in node and not (len(parts) >= 2 and parts[-2] in ("overrides", "distro")):
+                raise ConfigError(f"unknown run config key {key!r}")
+            node[parts[-1]] = value
+        return parse_run_config(data, source="command-line overrides")
+
+    def public(self) -> dict[str, Any]:
+        """What a client may see (everything but the token)."""
+        data = self.model_dump()
+        data["network"]["token"] = ""
+        return data
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("overrides", "distro"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_run_config(data: dict[str, Any], source: str = "run config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source} is invalid: {problems}") from exc
+
+
+def default_config_text() -> str:
+    return importlib.resources.files("aftermath").joinpath("configs", "default.toml").read_text()
+
+
+def load_run_config(path: str | Path | None = None) -> RunConfig:
+    """The embedded default run, with the TOML file at `path` (if any) laid over it."""
+    base = tomllib.loads(default_config_text())
+    if path is None:
+        return parse_run_config(base, source="the embedded default run")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"run config {path} does not exist; pass a TOML file (see docs/running.md)")
+    try:
+        top = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return parse_run_config(_merge(base, top), source=str(path))

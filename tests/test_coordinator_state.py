@@ -1,0 +1,309 @@
+"""The pure state machine, with Psyche's scenarios, ticked by a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from aftermath.coordinator import (ClientInfo, Commit, Phase, Rejected, RunStateMachine, assign_batches,
+                                   proportional_shares)
+from aftermath.runconfig import ScheduleSection
+
+
+def schedule(**kw) -> ScheduleSection:
+    base = dict(min_clients=1, init_min_clients=2, waiting_for_members_extra_time=1.0, warmup_time=10.0,
+                max_round_train_time=5.0, round_witness_time=5.0, cooldown_time=5.0, rounds_per_epoch=3,
+                global_batch_size=12, total_steps=6, heartbeat_interval=1.0, heartbeat_timeout=4.0)
+    base.update(kw)
+    return ScheduleSection(**base)
+
+
+def info(tier: int, throughput: float = 1.0) -> ClientInfo:
+    return ClientInfo(tier=tier, spec=f"tier{tier}", throughput=throughput)
+
+
+class Run:
+    """The machine plus a clock, with helpers that act as well-behaved clients."""
+
+    def __init__(self, **kw) -> None:
+        self.now = 0.0
+        self.m = RunStateMachine(schedule(**kw), self.now, run_id="t", seed=1)
+        self.events: list = []
+
+    def tick(self, dt: float = 0.1):
+        self.now += dt
+        evs = self.m.tick(self.now)
+        self.events += evs
+        return evs
+
+    def beat(self, *ids: str) -> None:
+        for cid in ids:
+            self.m.heartbeat(cid, self.now)
+
+    def ready_all(self) -> None:
+        for mem in self.m.active():
+            self.m.ready(mem.id, self.m.epoch, self.now)
+
+    def commit(self, cid: str) -> None:
+        rnd = self.m.round
+        rng = rnd.assignments[cid]
+        mem = self.m.members[cid]
+        self.m.commit(Commit(cid, rnd.step, "ab" * 32, mem.info.tier, mem.info.spec, rng.size, 0.5, 3.0), self.now)
+
+    def apply_all(self) -> None:
+        for mem in self.m.active():
+            self.m.applied(mem.id, self.m.round.step, self.now)
+
+    def full_round(self) -> None:
+        assert self.m.phase == Phase.ROUND_TRAIN
+        for cid in list(self.m.round.assignments):
+            self.commit(cid)
+        self.tick()
+        assert self.m.phase == Phase.ROUND_WITNESS
+        self.apply_all()
+        self.tick()
+
+    def finish_cooldown(self) -> None:
+        assert self.m.phase == Phase.COOLDOWN
+        self.m.checkpoint_done(self.m.epoch, self.m.step, self.now)
+        for mem in self.m.active():
+            self.m.report_hash(mem.id, self.m.epoch, self.m.step, "00" * 32, self.now)
+        self.tick()
+
+    def start(self, *ids: str, tiers=None) -> None:
+        for i, cid in enumerate(ids):
+            self.m.join(cid, info(tiers[i] if tiers else i), self.now)
+        self.tick(1.1)
+        assert self.m.phase == Phase.WARMUP
+        self.ready_all()
+        self.tick()
+        assert self.m.phase == Phase.ROUND_TRAIN
+
+
+def kinds(events) -> list[str]:
+    return [e.kind for e in events]
+
+
+def test_clients_connect_and_warmup_starts_at_init_min_clients():
+    r = Run()
+    r.m.join("a", info(0), r.now)
+    for _ in range(5):
+        r.beat("a")
+        r.tick(1.0)
+    assert r.m.phase == Phase.WAITING_FOR_MEMBERS  # one client, init_min_clients=2
+    r.m.join("b", info(1), r.now)
+    r.tick(0.5)
+    assert r.m.phase == Phase.WAITING_FOR_MEMBERS  # quorum, but the extra time has not passed
+    r.tick(0.6)
+    assert r.m.phase == Phase.WARMUP
+    r.ready_all()
+    r.tick()
+    assert r.m.phase == Phase.ROUND_TRAIN and r.m.round.step == 0
+
+
+def test_warmup_waits_for_the_slow_loader_until_its_timeout():
+    r = Run()
+    r.m.join("a", info(0), r.now)
+    r.m.join("b", info(1), r.now)
+    r.m.join("c", info(2), r.now)
+    r.tick(1.1)
+    r.m.ready("a", 0, r.now)
+    r.m.ready("b", 0, r.now)
+    r.tick(1.0)
+    assert r.m.phase == Phase.WARMUP
+    for _ in range(10):
+        r.beat("a", "b", "c")
+        r.tick(1.0)
+    assert r.m.phase == Phase.ROUND_TRAIN
+    assert r.m.members["c"].status == "pending"  # it will load the model for the next epoch
+    assert sorted(r.m.round.assignments) == ["a", "b"]
+
+
+def test_client_lost_in_warmup_returns_to_waiting_for_members():
+    r = Run()
+    r.m.join("a", info(0), r.now)
+    r.m.join("b", info(1), r.now)
+    r.tick(1.1)
+    assert r.m.phase == Phase.WARMUP
+    r.m.ready("a", 0, r.now)
+    for _ in range(5):  # b stops sending heartbeats
+        r.beat("a")
+        r.tick(1.0)
+    assert r.m.phase == Phase.WAITING_FOR_MEMBERS
+    assert r.m.members["b"].status == "gone"
+    assert "dropped" in kinds(r.events)
+
+
+def test_rounds_advance_with_proportional_assignment():
+    r = Run()
+    r.m.join("a", info(0, throughput=1.0), r.now)
+    r.m.join("b", info(2, throughput=3.0), r.now)
+    r.tick(1.1)
+    r.ready_all()
+    r.tick()
+    rnd = r.m.round
+    assert rnd.assignments["a"].to_json() == [0, 4] and rnd.assignments["b"].to_json() == [4, 12]  # 1 + 10/4, 1 + 30/4
+    r.full_round()
+    assert r.m.phase == Phase.ROUND_TRAIN and r.m.step == 1
+    assert r.m.round.assignments["a"].start == 12  # step 1 covers [12, 24)
+    accepted = [e for e in r.events if e.kind == "round_accepted"]
+    assert [c["client_id"] for c in accepted[0].data["accepted"]] == ["a", "b"]
+
+
+def test_round_waits_for_its_timeout_and_skips_the_missing_result():
+    r = Run()
+    r.start("a", "b")
+    r.commit("a")
+    r.tick(1.0)
+    assert r.m.phase == Phase.ROUND_TRAIN  # b is late but alive
+    for _ in range(5):
+        r.beat("a", "b")
+        r.tick(1.0)
+    assert r.m.phase == Phase.ROUND_WITNESS
+    assert [c.client_id for c in r.m.round.accepted] == ["a"]
+    with pytest.raises(Rejected):
+        r.commit("b")  # too late: the accepted set is published and closed
+
+
+def test_epoch_ends_with_a_checkpoint_and_the_hash_reports():
+    r = Run()
+    r.start("a", "b")
+    for _ in range(3):
+        r.full_round()
+    assert r.m.phase == Phase.COOLDOWN and r.m.step == 3
+    assert any(e.kind == "epoch_ended" and e.data == {"epoch": 0, "step": 3} for e in r.events)
+    r.tick(1.0)
+    assert r.m.phase == Phase.COOLDOWN  # no checkpoint yet
+    r.m.checkpoint_done(0, 3, r.now)
+    r.m.report_hash("a", 0, 3, "11" * 32, r.now)
+    r.tick()
+    assert r.m.phase == Phase.COOLDOWN  # b has not reported
+    r.m.report_hash("b", 0, 3, "11" * 32, r.now)
+    r.tick()
+    assert r.m.epoch == 1 and r.m.phase in (Phase.WAITING_FOR_MEMBERS, Phase.WARMUP)
+
+
+def test_client_joining_mid_epoch_is_admitted_next_epoch_with_the_current_model():
+    r = Run()
+    r.start("a", "b")
+    r.full_round()
+    r.m.join("c", info(1), r.now)
+    assert r.m.members["c"].status == "pending"
+    with pytest.raises(Rejected):
+        r.m.ready("c", 0, r.now)
+    r.full_round()
+    assert "c" not in r.m.round.assignments
+    r.full_round()
+    r.finish_cooldown()
+    assert r.m.members["c"].status == "member"
+    snap = r.m.snapshot(r.now)
+    assert snap["checkpoint"] == {"epoch": 0, "step": 3}  # what c loads in warmup
+    r.tick(1.1)
+    assert r.m.phase == Phase.WARMUP
+    r.ready_all()
+    r.tick()
+    assert sorted(r.m.round.assignments) == ["a", "b", "c"] and r.m.round.step == 3
+
+
+def test_client_lost_mid_round_leaves_the_others_in_sync():
+    r = Run()
+    r.start("a", "b", "c")
+    r.commit("a")
+    r.commit("b")
+    for _ in range(5):  # c is killed before its result
+        r.beat("a", "b")
+        r.tick(1.0)
+        if r.m.phase != Phase.ROUND_TRAIN:
+            break
+    assert r.m.members["c"].status == "gone"
+    assert r.m.phase == Phase.ROUND_WITNESS
+    published = r.m.snapshot(r.now)["round"]["accepted"]
+    assert [c["client_id"] for c in published] == ["a", "b"]  # the one set everybody applies
+    r.apply_all()
+    r.tick()
+    assert r.m.phase == Phase.ROUND_TRAIN and sorted(r.m.round.assignments) == ["a", "b"]
+    assert sum(b.size for b in r.m.round.assignments.values()) == 12
+
+
+def test_member_that_does_not_apply_is_deferred_to_the_next_epoch():
+    r = Run()
+    r.start("a", "b")
+    r.commit("a")
+    r.commit("b")
+    r.tick()
+    r.m.applied("a", 0, r.now)
+    for _ in range(6):
+        r.beat("a", "b")
+        r.tick(1.0)
+    assert r.m.phase == Phase.ROUND_TRAIN and r.m.step == 1
+    assert r.m.members["b"].status == "pending"
+    assert list(r.m.round.assignments) == ["a"]
+
+
+def test_run_finishes():
+    r = Run()
+    r.start("a", "b")
+    for epoch in range(2):
+        for _ in range(3):
+            r.full_round()
+        r.finish_cooldown()
+        if epoch == 0:
+            r.tick(1.1)
+            r.ready_all()
+            r.tick()
+    assert r.m.phase == Phase.FINISHED and r.m.step == 6
+    assert "finished" in kinds(r.events)
+    with pytest.raises(Rejected):
+        r.m.join("late", info(0), r.now)
+
+
+def test_commit_rejections_name_the_reason():
+    r = Run()
+    r.start("a", "b")
+    step = r.m.round.step
+    with pytest.raises(Rejected, match="step 5"):
+        r.m.commit(Commit("a", 5, "ab" * 32, 0, "tier0", 6, 1.0, 1.0), r.now)
+    with pytest.raises(Rejected, match="covers 2 sequences"):
+        r.m.commit(Commit("a", step, "ab" * 32, 0, "tier0", 2, 1.0, 1.0), r.now)
+    with pytest.raises(Rejected, match="tier3"):
+        r.m.commit(Commit("a", step, "ab" * 32, 3, "tier3", 6, 1.0, 1.0), r.now)
+    with pytest.raises(Rejected, match="not in the run"):
+        r.m.commit(Commit("zz", step, "ab" * 32, 0, "tier0", 6, 1.0, 1.0), r.now)
+    r.commit("a")
+    with pytest.raises(Rejected, match="already committed"):
+        r.commit("a")
+    with pytest.raises(Rejected):
+        r.m.join("a", info(0), r.now)
+
+
+def test_measured_throughput_moves_the_split():
+    r = Run()
+    r.start("a", "b")
+    rnd = r.m.round
+    # a trains 6 sequences in 0.5 s (12/s), b in 3.0 s (2/s)
+    r.m.commit(Commit("a", 0, "ab" * 32, 0, "tier0", rnd.assignments["a"].size, 0.5, 3.0), r.now)
+    r.m.commit(Commit("b", 0, "ab" * 32, 1, "tier1", rnd.assignments["b"].size, 3.0, 3.0), r.now)
+    r.tick()
+    r.apply_all()
+    r.tick()
+    sizes = {k: v.size for k, v in r.m.round.assignments.items()}
+    assert sizes["a"] > sizes["b"] and sum(sizes.values()) == 12
+
+
+@given(st.integers(0, 10_000), st.integers(1, 300),
+       st.dictionaries(st.text("abcdef", min_size=1, max_size=4), st.floats(0, 1e6), min_size=1, max_size=8))
+def test_assignment_covers_the_step_exactly_and_is_deterministic(step, batch, tps):
+    a = assign_batches(step, batch, tps)
+    b = assign_batches(step, batch, dict(reversed(list(tps.items()))))
+    assert a == b
+    ranges = sorted((r.start, r.end) for r in a.values())
+    assert ranges[0][0] == step * batch and ranges[-1][1] == (step + 1) * batch
+    assert all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+
+
+def test_proportional_shares():
+    assert proportional_shares(10, [1, 1, 1]) == [4, 3, 3]
+    assert proportional_shares(14, [1, 3]) == [4, 10]
+    assert proportional_shares(10, [1, 100]) == [1, 9]  # nobody starves
+    assert proportional_shares(2, [1, 1, 5]) == [0, 0, 2]
+    assert proportional_shares(5, [0, float("nan"), 2]) == [2, 2, 1]  # unknown = smallest known
