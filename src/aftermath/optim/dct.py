@@ -1,0 +1,60 @@
+"""The orthonormal DCT-II over fixed chunks, for 1-D chunks (vectors) and 2-D chunks (matrices).
+
+Basis: B[k, i] = s_k cos(pi (2i + 1) k / (2n)), s_0 = sqrt(1/n), s_k = sqrt(2/n) for k > 0. B is orthogonal,
+so the inverse is the transpose. A 2-D chunk X (c0 x c1) transforms as Y = B0 X B1^T and back as X = B0^T Y B1.
+A chunked tensor is handled as a batch of chunks in row-major chunk order (chunk (i, j) of a grid with G1
+chunk columns has id i * G1 + j); coefficients of a chunk are flattened row-major.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def dct_basis(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The n x n orthonormal DCT-II matrix B (rows are frequencies k, columns positions i)."""
+    i = torch.arange(n, dtype=torch.float64)
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    basis = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    basis[0] = math.sqrt(1.0 / n)
+    return basis.to(dtype)
+
+
+def to_chunks(x: torch.Tensor, chunk: tuple[int, ...]) -> torch.Tensor:
+    """(n_chunks, *chunk) view-copy of `x`, chunks in row-major grid order."""
+    if x.dim() == 1:
+        return x.reshape(-1, chunk[0])
+    rows, cols = x.shape
+    c0, c1 = chunk
+    return x.reshape(rows // c0, c0, cols // c1, c1).permute(0, 2, 1, 3).reshape(-1, c0, c1)
+
+
+def from_chunks(blocks: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `to_chunks`."""
+    if len(shape) == 1:
+        return blocks.reshape(shape)
+    rows, cols = shape
+    c0, c1 = chunk
+    return blocks.reshape(rows // c0, cols // c1, c0, c1).permute(0, 2, 1, 3).reshape(rows, cols)
+
+
+def dct_chunks(x: torch.Tensor, chunk: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """DCT-II coefficients of every chunk of `x`: shape (n_chunks, prod(chunk)), in `dtype` (default x's)."""
+    dtype = dtype or x.dtype
+    blocks = to_chunks(x.to(dtype), chunk)
+    if x.dim() == 1:
+        return blocks @ dct_basis(chunk[0], dtype).T
+    b0, b1 = dct_basis(chunk[0], dtype), dct_basis(chunk[1], dtype)
+    return (b0 @ blocks @ b1.T).reshape(blocks.shape[0], -1)
+
+
+def idct_chunks(coeffs: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> torch.Tensor:
+    """The tensor of `shape` whose chunk coefficients are `coeffs` (n_chunks, prod(chunk)); same dtype."""
+    dtype = coeffs.dtype
+    if len(shape) == 1:
+        return from_chunks(coeffs @ dct_basis(chunk[0], dtype), shape, chunk)
+    b0, b1 = dct_basis(chunk[0], dtype), dct_basis(chunk[1], dtype)
+    blocks = b0.T @ coeffs.reshape(-1, chunk[0], chunk[1]) @ b1
+    return from_chunks(blocks, shape, chunk)

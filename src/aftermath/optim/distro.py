@@ -1,0 +1,186 @@
+"""The DisTrO (DeMo) optimizer of one replica: decoupled momentum, chunked DCT, top-k, error feedback, apply.
+
+Per parameter, over the tier's region only:
+    delta <- decay * delta + lr * grad                      (decoupled momentum, kept locally, never sent)
+    C     <- DCT-II of delta over the chunks of the plan     (orthonormal, per chunk)
+    keep the top-k coefficients of each chunk by magnitude   (indices sorted within the chunk)
+    delta <- delta - IDCT(kept)                              (error feedback: what was not sent stays)
+    send  indices + values (raw, in value_dtype) or indices + 1-bit signs (decoded as +-1)
+On receipt every replica aggregates all payloads (aggregate.py) and applies
+    p <- p * (1 - lr * weight_decay)        (decoupled weight decay; matrices only, not norm gains)
+    p <- p - lr * sign(update)              (apply_mode "sign"; "raw" skips the sign)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aftermath.errors import ConfigError
+from aftermath.model.config import MatFormerConfig
+from aftermath.model.geometry import TierSpec, region_slices
+from aftermath.optim.chunks import ChunkPlan
+from aftermath.optim.dct import dct_chunks, idct_chunks
+from aftermath.optim.payload import (VALUE_DTYPES, Payload, PayloadExpectation, SparseCoefficients, WireFormat,
+                                     encode_payload)
+from aftermath.optim.schedule import LRSchedule
+
+APPLY_MODES = ("sign", "raw")
+
+
+@dataclass(frozen=True)
+class DistroConfig:
+    lr: float = 1e-3
+    schedule: str = "constant"  # "constant" | "cosine" (linear warmup + cosine, clamped after total_steps)
+    warmup_steps: int = 0
+    total_steps: int = 0
+    final_lr_fraction: float = 0.1
+    momentum_decay: float = 0.999
+    chunk: int = 64
+    min_chunk: int = 8
+    topk: int = 32
+    one_bit: bool = False
+    value_dtype: str = "float32"  # wire type of raw values: float32 | bfloat16 | float16
+    apply_mode: str = "sign"
+    weight_decay: float = 0.0
+    average_over: str = "selected"  # "selected" | "covering" (see aggregate.py)
+
+    def __post_init__(self) -> None:
+        if self.apply_mode not in APPLY_MODES:
+            raise ConfigError(f"apply_mode {self.apply_mode!r} is not known; use one of {APPLY_MODES}")
+        if not 0.0 <= self.momentum_decay < 1.0:
+            raise ConfigError(f"momentum_decay must lie in [0, 1), got {self.momentum_decay}")
+        if self.topk < 1:
+            raise ConfigError(f"topk must be >= 1, got {self.topk}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ConfigError(f"value_dtype {self.value_dtype!r} is not known; use one of {sorted(VALUE_DTYPES)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.average_over not in ("selected", "covering"):
+            raise ConfigError(f"average_over {self.average_over!r} is not known; use 'selected' or 'covering'")
+        self.lr_schedule()  # validates the schedule fields
+
+    def lr_schedule(self) -> LRSchedule:
+        return LRSchedule(peak_lr=self.lr, kind=self.schedule, warmup_steps=self.warmup_steps,
+                          total_steps=self.total_steps, final_fraction=self.final_lr_fraction)
+
+    def wire(self) -> WireFormat:
+        return WireFormat(kind="distro", topk=self.topk, one_bit=self.one_bit, value_dtype=self.value_dtype)
+
+
+def check_params(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                 universal: dict[str, tuple[int, ...]], who: str) -> None:
+    """Each parameter must hold the spec's region and fit in the universal shape."""
+    if set(params) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+        raise ConfigError(f"{who}: parameters do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, p in params.items():
+        have, need, full = tuple(p.shape), shapes[name], universal[name]
+        if len(have) != len(need) or any(h < n or h > f for h, n, f in zip(have, need, full)):
+            raise ConfigError(f"{who}: {name} has shape {have}; it must hold the region {need} and fit in the "
+                              f"universal shape {full}")
+
+
+@torch.no_grad()
+def apply_distro_update(params: dict[str, torch.Tensor], update: dict[str, torch.Tensor], lr: float, *,
+                        weight_decay: float = 0.0, apply_mode: str = "sign") -> None:
+    """p <- p * (1 - lr * wd) [matrices]; p <- p - lr * sign(u) (or lr * u). In place.
+
+    Each parameter is updated on the overlap of its shape and the update's shape (both are prefixes), so a
+    universal replica and a sliced replica may both call it. Only exactly-rounded elementwise operations are
+    used (no fused multiply-add), so every element gets the same bits whatever the tensor's size or layout.
+    """
+    if apply_mode not in APPLY_MODES:
+        raise ConfigError(f"apply_mode {apply_mode!r} is not known; use one of {APPLY_MODES}")
+    decay = 1.0 - lr * weight_decay
+    for name, p in params.items():
+        if name not in update:
+            raise ConfigError(f"the update has no entry for {name}")
+        u = update[name]
+        overlap = region_slices(tuple(min(a, b) for a, b in zip(p.shape, u.shape)))
+        target = p.data[overlap]
+        if weight_decay and p.dim() >= 2:
+            target.mul_(decay)
+        direction = torch.sign(u[overlap]) if apply_mode == "sign" else u[overlap]
+        target.sub_(direction.to(p.dtype) * lr)
+
+
+class DistroOptimizer:
+    """DisTrO state of one replica training `spec`; `params` may be the tier's own (sliced) tensors or
+    universal tensors (a replica that slices at run time): momentum always has the tier's shapes."""
+
+    def __init__(self, config: DistroConfig, model_config: MatFormerConfig, spec: TierSpec,
+                 params: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        self.plan = ChunkPlan(model_config, config.chunk, config.min_chunk)
+        self.spec = spec
+        self.shapes = self.plan.region_shapes(spec)
+        universal = {n: pc.universal_shape for n, pc in self.plan.params.items()}
+        check_params(params, self.shapes, universal, f"DisTrO optimizer for {spec.name}")
+        self.params = params
+        self.schedule = config.lr_schedule()
+        self.momentum = {n: torch.zeros(s, dtype=torch.float32) for n, s in self.shapes.items()}
+
+    # ------------------------------------------------------------------ sending
+    @torch.no_grad()
+    def compress(self, grads: dict[str, torch.Tensor | None], step: int) -> dict[str, SparseCoefficients]:
+        """Momentum update, top-k of the chunked DCT, error feedback. Returns what is sent (float32 values)."""
+        lr = self.schedule.lr(step)
+        out: dict[str, SparseCoefficients] = {}
+        for name, shape in self.shapes.items():
+            if name not in grads:
+                raise ConfigError(f"no gradient for {name}: pass every parameter (None for no gradient)")
+            delta = self.momentum[name]
+            delta.mul_(self.config.momentum_decay)
+            grad = grads[name]
+            if grad is not None:
+                delta.add_(grad.detach()[region_slices(shape)].to(torch.float32) * lr)
+            pc = self.plan.params[name]
+            coeffs = dct_chunks(delta, pc.chunk)
+            k = pc.topk(self.config.topk)
+            top = coeffs.abs().topk(k, dim=1).indices.sort(dim=1).values
+            values = coeffs.gather(1, top)
+            if not self.config.one_bit:
+                # the receiver sees the wire-rounded values; feed back exactly what they see
+                values = values.to(VALUE_DTYPES[self.config.value_dtype]).to(torch.float32)
+            sent = torch.zeros_like(coeffs).scatter_(1, top, values)
+            delta.sub_(idct_chunks(sent, shape, pc.chunk))
+            out[name] = SparseCoefficients(shape=shape, indices=top, values=values)
+        return out
+
+    def encode(self, grads: dict[str, torch.Tensor | None], step: int, run_id: str, client_id: str) -> bytes:
+        """The payload bytes this replica publishes for `step` (updates the momentum: call once per step)."""
+        payload = Payload(kind="distro", run_id=run_id, step=step, client_id=client_id, spec=self.spec,
+                          params=dict(self.compress(grads, step)))
+        return encode_payload(payload, self.plan, self.config.wire())
+
+    def expectation(self, run_id: str, step: int, client_id: str | None = None, spec: TierSpec | None = None,
+                    max_bytes: int | None = None) -> PayloadExpectation:
+        """What this run's payloads for `step` must look like (for decode_payload)."""
+        return PayloadExpectation(run_id=run_id, step=step, plan=self.plan, wire=self.config.wire(),
+                                  client_id=client_id, spec=spec, max_bytes=max_bytes)
+
+    # ------------------------------------------------------------------ receiving
+    def aggregate(self, payloads: list[Payload]) -> dict[str, torch.Tensor]:
+        """The aggregated update in this replica's parameter shapes (see aggregate.py)."""
+        from aftermath.optim.aggregate import aggregate_distro
+
+        region = None if all(tuple(p.shape) == self.plan.params[n].universal_shape
+                             for n, p in self.params.items()) else self.spec
+        return aggregate_distro(payloads, self.plan, average_over=self.config.average_over, region=region)
+
+    def apply(self, update: dict[str, torch.Tensor], step: int) -> None:
+        apply_distro_update(self.params, update, self.schedule.lr(step), weight_decay=self.config.weight_decay,
+                            apply_mode=self.config.apply_mode)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"momentum/{n}": t.clone() for n, t in self.momentum.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, shape in self.shapes.items():
+            t = state.get(f"momentum/{name}")
+            if t is None or tuple(t.shape) != shape:
+                raise ConfigError(f"optimizer state lacks momentum/{name} of shape {shape}")
+            self.momentum[name] = t.to(torch.float32).clone()
