@@ -16,6 +16,10 @@ from aftermath.errors import AftermathError
 COMMAND_MODULES = [
     "aftermath.commands.init_model",
     "aftermath.commands.inspect",
+    "aftermath.commands.export_tiers",
+    "aftermath.commands.prepare_data",
+    "aftermath.commands.eval",
+    "aftermath.commands.data_server",
     "aftermath.commands.demo",
 ]
 
