@@ -60,16 +60,20 @@ class ScheduleSection(_Section):
 
 
 class OptimizerSection(_Section):
-    name: Literal["distro", "adamw"] = Field("distro", description="distro: compressed DisTrO updates; "
-                                             "adamw: dense gradients averaged, AdamW applied by every replica")
+    name: Literal["distro", "adamw", "muon"] = Field(
+        "distro", description="distro: compressed DisTrO updates (sign-applied); adamw / muon: dense gradients "
+        "averaged by region, the same step applied by every replica")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR shape after the linear warmup")
     warmup_steps: int = Field(5, ge=0, description="linear LR warmup steps")
-    schedule: Literal["cosine", "constant", "linear"] = Field("cosine", description="LR decay after warmup")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of `lr`")
-    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
-    distro: dict[str, Any] = Field(default_factory=dict,
-                                   description="DisTrO codec settings (aftermath.optim.DistroConfig fields: "
-                                   "chunk size, top-k, sign, momentum decay); empty = its defaults")
+    final_lr_fraction: float = Field(0.1, ge=0, le=1, description="cosine: final LR as a fraction of `lr`")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (matrices only)")
+    distro: dict[str, Any] = Field(default_factory=dict, description=(
+        "further aftermath.optim.DistroConfig fields: momentum_decay, chunk, min_chunk, topk, one_bit, "
+        "value_dtype, apply_mode, average_over; empty = their defaults"))
+    dense: dict[str, Any] = Field(default_factory=dict, description=(
+        "further aftermath.optim.DenseConfig fields (adamw / muon): beta1, beta2, eps, muon_lr, muon_momentum, "
+        "ns_steps, value_dtype; empty = their defaults"))
 
 
 class TrainSection(_Section):
@@ -126,7 +130,7 @@ class RunConfig(_Section):
                 if part not in node or not isinstance(node[part], dict):
                     raise ConfigError(f"unknown run config key {key!r}")
                 node = node[part]
-            if parts[-1] not in node and not (len(parts) >= 2 and parts[-2] in ("overrides", "distro")):
+            if parts[-1] not in node and not (len(parts) >= 2 and parts[-2] in ("overrides", "distro", "dense")):
                 raise ConfigError(f"unknown run config key {key!r}")
             node[parts[-1]] = value
         return parse_run_config(data, source="command-line overrides")
@@ -141,7 +145,7 @@ class RunConfig(_Section):
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("overrides", "distro"):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("overrides", "distro", "dense"):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value

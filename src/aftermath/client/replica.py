@@ -1,0 +1,127 @@
+"""One replica of the model: the weights of one tier (or the universal weights), its optimizer, and the
+operations of a round that touch them: train a batch, encode the update, decode and apply the accepted set,
+hash the weights. Shared by clients (a sliced tier) and the coordinator (the universal replica).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from aftermath.errors import ConfigError, PayloadError
+from aftermath.model import MatFormerConfig, MatFormerLM, TierSpec, param_shapes
+from aftermath.optim import (DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer, Payload, decode_payload)
+from aftermath.runconfig import RunConfig
+
+
+def optimizer_config(run: RunConfig) -> DistroConfig | DenseConfig:
+    """The optimizer settings of a run (the [optimizer] section, with the run's length for the schedule)."""
+    opt = run.optimizer
+    # a short run (tests, a quick testnet) keeps its warmup shorter than itself
+    warmup = min(opt.warmup_steps, max(0, run.schedule.total_steps - 1))
+    common = dict(lr=opt.lr, schedule=opt.schedule, warmup_steps=warmup,
+                  total_steps=run.schedule.total_steps, final_lr_fraction=opt.final_lr_fraction,
+                  weight_decay=opt.weight_decay)
+    try:
+        if opt.name == "distro":
+            return DistroConfig(**common, **opt.distro)
+        return DenseConfig(algorithm=opt.name, **common, **opt.dense)
+    except TypeError as exc:
+        section = "distro" if opt.name == "distro" else "dense"
+        raise ConfigError(f"[optimizer.{section}] has a key the {opt.name} optimizer does not know: {exc}") from exc
+
+
+def weights_sha256(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:
+    """The replica hash: sha256 over the tensors in sorted-name order, each as its UTF-8 name followed by its
+    raw little-endian bytes (in `dtype` if given, the checkpoint's dtype). Recomputable from a tier directory."""
+    if sys.byteorder != "little":  # raw bytes are defined little-endian
+        raise ConfigError("weights_sha256 needs a little-endian machine")
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if dtype is not None:
+            t = t.to(dtype)
+        h.update(name.encode("utf-8"))
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def region_state(model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec) -> dict[str, torch.Tensor]:
+    """The tensors of `spec` held by `model` (sliced views when the model is wider than the spec)."""
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    out = {}
+    for name, shape in param_shapes(universal, spec).items():
+        out[name] = state[name][tuple(slice(0, s) for s in shape)]
+    return out
+
+
+@dataclass
+class TrainResult:
+    grads: dict[str, torch.Tensor | None]
+    loss: float
+    sequences: int
+    tokens: int
+    seconds: float
+
+
+class Replica:
+    """A model holding `spec`'s weights (or wider: the universal model) and the run's optimizer for `spec`."""
+
+    def __init__(self, model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec, run: RunConfig,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.model = model
+        self.universal = universal
+        self.spec = spec
+        self.run = run
+        self.dtype = dtype  # the checkpoint dtype the replica hash is taken in
+        self.opt_config = optimizer_config(run)
+        params = {n: p.data for n, p in model.named_parameters()}
+        if isinstance(self.opt_config, DistroConfig):
+            self.optimizer: DistroOptimizer | DenseOptimizer = DistroOptimizer(self.opt_config, universal, spec, params)
+        else:
+            self.optimizer = DenseOptimizer(self.opt_config, universal, spec, params)
+
+    # ------------------------------------------------------------------ training
+    def train(self, batch: torch.Tensor, micro_batch_size: int) -> TrainResult:
+        """Forward/backward of `batch` ([n, seq_len + 1] token ids) at this replica's spec, in micro-batches."""
+        start = time.perf_counter()
+        model = self.model
+        model.train()
+        for p in model.parameters():
+            p.grad = None
+        n = batch.shape[0]
+        total = 0.0
+        spec = None if model.spec == self.spec else self.spec
+        for lo in range(0, n, micro_batch_size):
+            part = batch[lo: lo + micro_batch_size]
+            loss = model.loss(part[:, :-1], part[:, 1:], spec)
+            (loss * (part.shape[0] / n)).backward()
+            total += loss.item() * part.shape[0]
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        return TrainResult(grads=grads, loss=total / n, sequences=n, tokens=n * (batch.shape[1] - 1),
+                           seconds=time.perf_counter() - start)
+
+    def encode(self, grads: dict[str, torch.Tensor | None], step: int, client_id: str) -> bytes:
+        return self.optimizer.encode(grads, step, self.run.run_id, client_id)
+
+    # ------------------------------------------------------------------ receiving
+    def decode(self, data: bytes, step: int, client_id: str, spec: TierSpec) -> Payload:
+        """Validate and decode one peer's payload (raises PayloadError naming what is wrong)."""
+        expectation = self.optimizer.expectation(self.run.run_id, step, client_id=client_id, spec=spec,
+                                                 max_bytes=self.run.network.max_blob_bytes)
+        return decode_payload(data, expectation)
+
+    def apply(self, payloads: list[Payload], step: int) -> None:
+        """Aggregate the round's accepted set and apply it (the same bits on every replica)."""
+        if payloads and any(p.step != step for p in payloads):
+            raise PayloadError(f"a payload of another step was given to apply step {step}")
+        update = self.optimizer.aggregate(sorted(payloads, key=lambda p: p.client_id))
+        self.optimizer.apply(update, step)
+
+    # ------------------------------------------------------------------ identity
+    def weights_sha256(self, spec: TierSpec | None = None) -> str:
+        return weights_sha256(region_state(self.model, self.universal, spec or self.spec), self.dtype)

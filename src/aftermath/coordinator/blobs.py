@@ -1,0 +1,70 @@
+"""Content-addressed blob store: a payload is stored under the sha256 of its bytes, checked on receipt.
+
+Files live at `ROOT/ab/abcdef...` (two-level fan-out); a write goes to a temp file renamed into place, so a
+reader sees a whole blob or none. Blobs are immutable: putting the same bytes twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from aftermath.errors import PayloadError
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(text: str) -> bool:
+    return isinstance(text, str) and HEX64.fullmatch(text) is not None
+
+
+class BlobTooLarge(PayloadError):
+    pass
+
+
+class BlobStore:
+    def __init__(self, root: str | Path, max_bytes: int) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+
+    def path(self, sha256: str) -> Path:
+        if not is_sha256(sha256):
+            raise PayloadError(f"blob id {sha256!r} is not a sha256 (64 lowercase hex digits)")
+        return self.root / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return is_sha256(sha256) and self.path(sha256).is_file()
+
+    def put(self, sha256: str, data: bytes) -> bool:
+        """Store `data` under `sha256`; False when it was already there. Raises when the hash does not match."""
+        path = self.path(sha256)
+        if len(data) > self.max_bytes:
+            raise BlobTooLarge(f"blob of {len(data)} bytes exceeds the cap of {self.max_bytes} bytes "
+                               f"(network.max_blob_bytes)")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise PayloadError(f"blob bytes hash to {actual}, not to the id {sha256} they were sent under")
+        if path.is_file():
+            return False
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{sha256}.tmp-{os.getpid()}-{id(data)}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return True
+
+    def get(self, sha256: str) -> bytes:
+        path = self.path(sha256)
+        if not path.is_file():
+            raise KeyError(sha256)
+        return path.read_bytes()
+
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def delete(self, sha256: str) -> None:
+        path = self.path(sha256)
+        if path.is_file():
+            path.unlink()

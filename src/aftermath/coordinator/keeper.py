@@ -1,0 +1,168 @@
+"""The coordinator's own universal replica: it applies every round's accepted set exactly as the clients do,
+so epoch checkpoints do not depend on any client, and it can evaluate every tier and compute the reference
+replica hash of every tier.
+
+Checkpoint layout in the run directory (replaced as a whole at each epoch end):
+
+    RUN_DIR/checkpoint/model/                 universal HF checkpoint + matformer_manifest.json
+    RUN_DIR/checkpoint/model-tier1/ ...       tier exports (aftermath.checkpoint.export.export_tiers)
+    RUN_DIR/checkpoint/checkpoint.json        epoch, step, run id, validation loss and replica hash per tier
+
+A new checkpoint is built in `RUN_DIR/.checkpoint-tmp` and swapped in by renames, so `checkpoint/` is always
+a complete checkpoint (or, for an instant during the swap, `.checkpoint-old/` is).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aftermath.checkpoint.export import export_tiers
+from aftermath.checkpoint.hf_dir import load_model_dir, save_model_dir
+from aftermath.checkpoint.manifest import read_manifest
+from aftermath.checkpoint.schema import schema_hash
+from aftermath.client.replica import Replica
+from aftermath.errors import CheckpointError, ConfigError
+from aftermath.model import MatFormerConfig, TierSpec, build_model, preset_config, tier_spec
+from aftermath.model.geometry import max_tier
+from aftermath.optim import Payload
+from aftermath.runconfig import RunConfig
+
+CHECKPOINT_DIR = "checkpoint"
+MODEL_DIR = "model"
+INFO_FILE = "checkpoint.json"
+
+
+def run_model_config(run: RunConfig) -> MatFormerConfig:
+    """The universal model config of a run: the init checkpoint's, or the preset with its overrides."""
+    if run.model.init:
+        config = MatFormerConfig.load(run.model.init)
+        if not config.is_universal:
+            raise ConfigError(f"model.init {run.model.init} is a sliced tier; start from a universal checkpoint")
+        return config
+    try:
+        return preset_config(run.model.preset, **run.model.overrides)
+    except TypeError as exc:
+        raise ConfigError(f"[model.overrides] has a key MatFormerConfig does not know: {exc}") from exc
+
+
+class ModelKeeper:
+    def __init__(self, run: RunConfig, run_dir: str | Path, data_dir: Path | None = None) -> None:
+        self.run = run
+        self.run_dir = Path(run_dir)
+        self.config = run_model_config(run)
+        self.schema_hash = schema_hash(self.config)
+        self.spec = tier_spec(self.config, 0)
+        self.data_dir = data_dir
+        for t in run.model.export_tiers:
+            if t < 0 or t > max_tier(self.config):
+                raise ConfigError(f"model.export_tiers lists tier {t}; this model has tiers 0..{max_tier(self.config)}")
+        self.replica: Replica | None = None
+        self.val_batch: torch.Tensor | None = None
+        self.reference_hashes: dict[int, dict[str, str]] = {}  # epoch -> spec name -> replica hash
+        self.val_history: list[dict[str, Any]] = []
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    # ------------------------------------------------------------------ start
+    def start(self, resume_step: int | None) -> None:
+        """Build the replica: from the last checkpoint when resuming, else from `model.init` or the seed."""
+        if resume_step is not None:
+            model = load_model_dir(self.checkpoint_dir / MODEL_DIR)
+            info = self.checkpoint_info()
+            if info.get("step") != resume_step:
+                raise CheckpointError(f"{self.checkpoint_dir} holds step {info.get('step')}, state.json step "
+                                      f"{resume_step}; move the run directory away to start afresh")
+        elif self.run.model.init:
+            model = load_model_dir(self.run.model.init)
+        else:
+            model = build_model(self.config, seed=self.run.seed)
+        self.replica = Replica(model, self.config, self.spec, self.run)
+        if self.data_dir is not None:
+            from aftermath.data import TokenStream
+
+            stream = TokenStream(self.data_dir, self.run.data.seq_len, seed=self.run.seed, split="val",
+                                 vocab_size=self.config.vocab_size, max_positions=self.config.max_position_embeddings)
+            n = min(self.run.data.val_sequences, stream.sequences_per_pass)
+            self.val_batch = stream.sequences(0, n)
+
+    # ------------------------------------------------------------------ rounds
+    def decode(self, data: bytes, step: int, client_id: str, spec: TierSpec) -> Payload:
+        assert self.replica is not None
+        return self.replica.decode(data, step, client_id, spec)
+
+    def apply_round(self, step: int, payloads: list[Payload]) -> None:
+        assert self.replica is not None
+        self.replica.apply(payloads, step)
+
+    def tier_hash(self, spec: TierSpec) -> str:
+        assert self.replica is not None
+        return self.replica.weights_sha256(spec)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, specs: list[TierSpec]) -> dict[str, float]:
+        """Mean held-out loss of the replica at each spec (the fixed first `val_sequences` of the val split)."""
+        if self.val_batch is None or self.replica is None:
+            return {}
+        model = self.replica.model
+        model.eval()
+        out = {}
+        for spec in specs:
+            losses = []
+            for lo in range(0, self.val_batch.shape[0], 16):
+                part = self.val_batch[lo: lo + 16]
+                losses.append(model.loss(part[:, :-1], part[:, 1:], spec).item() * part.shape[0])
+            out[spec.name] = sum(losses) / self.val_batch.shape[0]
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_info(self) -> dict[str, Any]:
+        path = self.checkpoint_dir / INFO_FILE
+        if not path.is_file():
+            return {}
+        return json.loads(path.read_text())
+
+    def write_checkpoint(self, epoch: int, step: int, extra_specs: list[TierSpec] = ()) -> dict[str, Any]:
+        """Universal checkpoint + tier exports + manifest, swapped into RUN_DIR/checkpoint atomically."""
+        assert self.replica is not None
+        start = time.perf_counter()
+        tmp = self.run_dir / ".checkpoint-tmp"
+        old = self.run_dir / ".checkpoint-old"
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        tmp.mkdir(parents=True)
+        tokenizer_dir = self.data_dir if self.data_dir is not None and (self.data_dir / "tokenizer.json").is_file() else None
+        save_model_dir(self.replica.model, tmp / MODEL_DIR, tokenizer_dir=tokenizer_dir)
+        tiers = [t for t in self.run.model.export_tiers if t > 0]
+        specs = [s for s in extra_specs if s.tier is None]
+        export_tiers(tmp / MODEL_DIR, tiers=tiers, specs=specs)
+        all_specs = [tier_spec(self.config, t) for t in sorted({0, *tiers})] + specs
+        hashes = {s.name: self.tier_hash(s) for s in all_specs}
+        self.reference_hashes[epoch] = hashes
+        val = self.evaluate(all_specs)
+        self.val_history.append({"epoch": epoch, "step": step, "val_loss": val})
+        info = {"run_id": self.run.run_id, "epoch": epoch, "step": step, "schema_hash": self.schema_hash,
+                "weights_sha256": hashes, "val_loss": val, "written_at": time.time()}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        if self.checkpoint_dir.exists():
+            os.replace(self.checkpoint_dir, old)
+        os.replace(tmp, self.checkpoint_dir)
+        if old.exists():
+            shutil.rmtree(old)
+        info["seconds"] = time.perf_counter() - start
+        return info
+
+    def manifest_json(self) -> dict[str, Any] | None:
+        manifest = read_manifest(self.checkpoint_dir / MODEL_DIR)
+        return None if manifest is None else manifest.to_json()
+
