@@ -151,6 +151,9 @@ def _resolve_dir(label: str, model_dir: Path, root: Path, tier: int | None, spec
     if manifest is not None:
         for rel in manifest.all_files():  # reject absolute or escaping paths before anything is read
             resolve_in_root(model_dir, rel, root)
+        base_entry = manifest.entry(tier=0)
+        if base_entry is not None and "config.json" in base_entry.files:  # the config we are about to trust
+            verify_files(manifest, model_dir, root, ["config.json"])
     config = read_config(model_dir, manifest.base_intermediate_size if manifest else None)
     own = check_geometry(config, where=str(model_dir / "config.json"))
     base = config.base()
