@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from aftermath.data.dataset import TokenData
 from aftermath.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 FEISTEL_ROUNDS = 6
 
@@ -115,9 +118,10 @@ class TokenStream:
             perm = self._perms[epoch] = WindowPermutation(self.num_windows, key)
         return perm(k)
 
-    def sequences(self, start: int, end: int) -> torch.Tensor:
+    def sequences(self, start: int, end: int) -> "torch.Tensor":
         """Sequences [start, end) as int64 [end - start, seq_len + 1]: inputs [:, :-1], targets [:, 1:]."""
-        self.check_range(start, end)
+        import torch  # here, not at the top: preparing and serving data needs no torch (a 3-5 s import)
+
         return torch.from_numpy(self.sequences_numpy(start, end))
 
     def sequences_numpy(self, start: int, end: int) -> np.ndarray:
@@ -127,7 +131,7 @@ class TokenStream:
             out[row] = self.data.read(self.window_of(index) * self.seq_len, self.seq_len + 1)
         return out
 
-    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, batch_size: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         """(inputs, targets) of step `step` with a global batch of `batch_size` sequences."""
         seqs = self.sequences(*step_range(step, batch_size))
         return seqs[:, :-1], seqs[:, 1:]

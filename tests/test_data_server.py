@@ -1,0 +1,122 @@
+"""The data server over a real aiohttp server on 127.0.0.1, and the client's retries and timeouts."""
+
+import asyncio
+
+import aiohttp
+import pytest
+import torch
+from aiohttp import web
+
+from aftermath.data import TokenStream
+from aftermath.data.server import add_data_routes, fetch_meta, fetch_sequences, fetch_sequences_blocking
+from aftermath.errors import DataError
+from data_helpers import prepared_bytes_dir
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return prepared_bytes_dir(tmp_path, repeats=120)
+
+
+def test_routes_and_client_fetch(data_dir):
+    async def scenario():
+        app = web.Application()
+        service = add_data_routes(app, data_dir)
+        runner, url = await serve(app)
+        try:
+            meta = await fetch_meta(url)
+            assert meta["data_id"] == service.data_id and meta["vocab_size"] == 256 and meta["dtype"] == "uint16"
+            assert set(meta["splits"]) == {"train", "val"} and meta["meta"]["tokenizer"]["kind"] == "bytes"
+            remote = await fetch_sequences(url, 10, 26, 32, seed=5, data_id=service.data_id)
+            val = await fetch_sequences(url, 0, 4, 32, split="val", shuffle=False)
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{url}/data/sequences", params={"start": 0, "end": 2, "seq_len": 8}) as r:
+                    assert r.status == 200 and r.headers["X-Aftermath-Shape"] == "2,9"
+                    assert r.headers["X-Aftermath-Dtype"] == "uint16" and len(await r.read()) == 2 * 9 * 2
+                async with s.get(f"{url}/data/tokenizer.json") as r:
+                    assert r.status == 200 and "model" in await r.json(content_type=None)
+                with pytest.raises(DataError, match="serves data .* not the run's"):
+                    await fetch_sequences(url, 0, 2, 8, data_id="0" * 64, session=s)
+            return remote, val
+        finally:
+            await runner.cleanup()
+
+    remote, val = asyncio.run(scenario())
+    assert torch.equal(remote, TokenStream(data_dir, 32, seed=5).sequences(10, 26))
+    assert torch.equal(val, TokenStream(data_dir, 32, split="val", shuffle=False).sequences(0, 4))
+
+
+@pytest.mark.parametrize("params, status, message", [
+    ({"end": 4, "seq_len": 8}, 400, "missing query parameter 'start'"),
+    ({"start": "x", "end": 4, "seq_len": 8}, 400, "start='x' is not an integer"),
+    ({"start": 5, "end": 2, "seq_len": 8}, 400, "ends before it starts"),
+    ({"start": -2, "end": 2, "seq_len": 8}, 400, "starts below 0"),
+    ({"start": 0, "end": 100, "seq_len": 8}, 400, "at most 50 per request"),
+    ({"start": 0, "end": 2, "seq_len": 10**6}, 400, "too few for one sequence"),
+    ({"start": 0, "end": 2, "seq_len": 0}, 400, "must be a positive integer"),
+    ({"start": 0, "end": 2, "seq_len": 8, "split": "test"}, 400, "split='test' is unknown"),
+])
+def test_bad_requests_get_4xx_json(data_dir, params, status, message):
+    async def scenario():
+        app = web.Application()
+        add_data_routes(app, data_dir, max_sequences=50)
+        runner, url = await serve(app)
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{url}/data/sequences", params=params) as r:
+                    return r.status, await r.json()
+        finally:
+            await runner.cleanup()
+
+    got_status, body = asyncio.run(scenario())
+    assert got_status == status and message in body["error"]
+
+
+def test_client_retries_through_failures_and_gives_up_with_a_clear_error(data_dir):
+    calls = {"n": 0}
+
+    @web.middleware
+    async def flaky(request, handler):  # the first two requests fail, then the real routes answer
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise web.HTTPServiceUnavailable(text="busy")
+        return await handler(request)
+
+    async def slow(_):
+        await asyncio.sleep(5)
+        return web.Response(text="late")
+
+    async def scenario():
+        app = web.Application(middlewares=[flaky])
+        add_data_routes(app, data_dir)
+        app.router.add_get("/slow/sequences", slow)
+        runner, url = await serve(app)
+        try:
+            got = await fetch_sequences(url, 0, 3, 16, retries=3, backoff=0.01)
+            assert calls["n"] == 3
+            calls["n"] = 100  # no more failures: the slow route times out on its own
+            with pytest.raises(DataError, match="after 2 attempts.*TimeoutError"):
+                await fetch_sequences(url, 0, 3, 16, prefix="/slow", retries=1, timeout=0.2, backoff=0.01)
+            before = calls["n"]
+            with pytest.raises(DataError, match="refused the request \\(400\\)"):
+                await fetch_sequences(url, 0, 3, 10**6, retries=3)  # a 4xx is not retried
+            assert calls["n"] == before + 1
+            return got
+        finally:
+            await runner.cleanup()
+
+    got = asyncio.run(scenario())
+    assert torch.equal(got, TokenStream(data_dir, 16).sequences(0, 3))
+    with pytest.raises(DataError, match="after 2 attempts"):  # nobody listens on this port
+        fetch_sequences_blocking("http://127.0.0.1:9", 0, 2, 8, retries=1, timeout=1, backoff=0.01)
+    with pytest.raises(DataError, match="invalid"):
+        fetch_sequences_blocking("http://127.0.0.1:9", 5, 2, 8)
