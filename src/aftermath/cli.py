@@ -20,6 +20,9 @@ COMMAND_MODULES = [
     "aftermath.commands.prepare_data",
     "aftermath.commands.eval",
     "aftermath.commands.data_server",
+    "aftermath.commands.coordinator",
+    "aftermath.commands.client",
+    "aftermath.commands.testnet",
     "aftermath.commands.demo",
 ]
 

@@ -115,12 +115,18 @@ class Replica:
                                                  max_bytes=self.run.network.max_blob_bytes)
         return decode_payload(data, expectation)
 
+    def aggregate(self, payloads: list[Payload], step: int) -> dict[str, torch.Tensor]:
+        """The round's aggregated update in this replica's shapes (independent of the payloads' order)."""
+        if payloads and any(p.step != step for p in payloads):
+            raise PayloadError(f"a payload of another step was given to aggregate step {step}")
+        return self.optimizer.aggregate(sorted(payloads, key=lambda p: p.client_id))
+
+    def apply_update(self, update: dict[str, torch.Tensor], step: int) -> None:
+        self.optimizer.apply(update, step)
+
     def apply(self, payloads: list[Payload], step: int) -> None:
         """Aggregate the round's accepted set and apply it (the same bits on every replica)."""
-        if payloads and any(p.step != step for p in payloads):
-            raise PayloadError(f"a payload of another step was given to apply step {step}")
-        update = self.optimizer.aggregate(sorted(payloads, key=lambda p: p.client_id))
-        self.optimizer.apply(update, step)
+        self.apply_update(self.aggregate(payloads, step), step)
 
     # ------------------------------------------------------------------ identity
     def weights_sha256(self, spec: TierSpec | None = None) -> str:

@@ -197,6 +197,7 @@ class CoordinatorService:
         self.events: list[dict[str, Any]] = []  # recent events, for watchers (bounded)
         self.mismatches: list[dict[str, Any]] = []
         self.round_blobs: dict[int, list[str]] = {}
+        self.decoded: dict[str, Any] = {}  # blob sha -> payload decoded (validated) at commit, until applied
         self.finished: asyncio.Event | None = None  # created on the loop in on_startup
         self.summary: dict[str, Any] | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keeper")
@@ -315,13 +316,17 @@ class CoordinatorService:
             payloads = []
             total = 0
             for c in accepted:
-                blob = self.blobs.get(c["blob"])
-                total += len(blob)
-                payloads.append(self.keeper.decode(blob, step, c["client_id"], self.specs[c["client_id"]]))
+                total += self.blobs.size(c["blob"])
+                payload = self.decoded.pop(c["blob"], None)
+                if payload is None:
+                    payload = self.keeper.decode(self.blobs.get(c["blob"]), step, c["client_id"],
+                                                 self.specs[c["client_id"]])
+                payloads.append(payload)
             self.keeper.apply_round(step, payloads)
             return total
 
         total = await loop.run_in_executor(self.executor, work)
+        self.decoded = {sha: p for sha, p in self.decoded.items() if p.step > step}  # late, rejected commits
         self.round_blobs[step] = [c["blob"] for c in accepted]
         for old in [s for s in self.round_blobs if s < step - 2]:  # every member has moved past these
             for sha in self.round_blobs.pop(old):
@@ -542,10 +547,11 @@ class CoordinatorService:
         # Validate the payload before it can enter an accepted set: a bad payload must never reach a model.
         data = self.blobs.get(req.blob)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.keeper.decode, data, req.step, cid, spec)
+        payload = await loop.run_in_executor(None, self.keeper.decode, data, req.step, cid, spec)
         commit = Commit(client_id=cid, step=req.step, blob=req.blob, tier=spec.tier, spec=spec.name,
                         sequences=req.sequences, train_seconds=req.train_seconds, loss=req.loss)
         self.machine.commit(commit, self.clock())
+        self.decoded[req.blob] = payload
         if req.stats:
             self.machine.heartbeat(cid, self.clock(), req.stats)
         self._notify()

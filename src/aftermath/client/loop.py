@@ -1,0 +1,389 @@
+"""The client's round loop: follow the coordinator's state and do this client's part of each phase.
+
+    join -> (Warmup) fetch the current model of its tier, say ready
+         -> (RoundTrain) tokens of its batch range -> forward/backward -> DisTrO payload -> upload -> commit
+         -> (RoundWitness) fetch the accepted set -> validate -> aggregate -> apply -> say applied
+         -> (Cooldown) report the replica hash -> ... -> (Finished) exit
+
+The loop is synchronous per round: the download of a round's results starts when the witness phase is
+published, after this client's own training (measured per round in the metrics as `t_download`).
+Each action is idempotent (it checks what it already did), so a repeated or missed state update is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import posixpath
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+import torch
+
+from aftermath.checkpoint.hf_dir import load_model_dir
+from aftermath.checkpoint.schema import schema_hash
+from aftermath.client.replica import Replica
+from aftermath.client.transport import CoordinatorError, Transport, Unreachable
+from aftermath.errors import ConfigError
+from aftermath.metrics import MetricsWriter, peak_memory_bytes
+from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_spec, tier_spec
+from aftermath.model.geometry import max_tier
+from aftermath.runconfig import RunConfig, parse_run_config
+
+log = logging.getLogger("aftermath.client")
+
+
+@dataclass
+class ClientOptions:
+    coordinator: str
+    token: str
+    tier: int | None = 0  # None with spec=None: auto
+    spec: str | None = None
+    name: str = ""
+    device: str = "cpu"
+    memory_limit: int | None = None  # bytes, for --tier auto
+    work_dir: Path = Path(".aftermath-client")
+    metrics_path: Path | None = None
+    threads: int | None = None  # default: the run's train.threads
+    join_timeout: float = 120.0  # keep trying to reach the coordinator this long at start
+    on_update: Callable[[dict[str, Any]], None] | None = None  # called with each metrics record
+
+
+# ------------------------------------------------------------------------------------------ tier choice
+def estimate_memory(config: MatFormerConfig, spec: TierSpec, micro_batch: int, seq_len: int,
+                    optimizer: str = "distro") -> int:
+    """Rough training memory of a sliced tier: weights, gradients, optimizer state, activations (fp32)."""
+    params = parameter_count(config, spec)
+    state = 1 if optimizer == "distro" else 2
+    width = max(spec.ffn_widths)
+    heads = max(spec.q_heads)
+    tokens = micro_batch * seq_len
+    per_layer = tokens * (6 * config.hidden_size + 3 * width + 2 * heads * config.head_dim) \
+        + micro_batch * heads * seq_len * seq_len
+    activations = config.num_hidden_layers * per_layer + 3 * tokens * config.vocab_size
+    return 4 * (params * (2 + state) + activations)
+
+
+def choose_tier(config: MatFormerConfig, budget: int, micro_batch: int, seq_len: int, optimizer: str) -> int:
+    """The widest tier whose estimated memory fits `budget` bytes (raises when not even the smallest fits)."""
+    for t in range(max_tier(config) + 1):
+        need = estimate_memory(config, tier_spec(config, t), micro_batch, seq_len, optimizer)
+        if need <= budget:
+            return t
+    smallest = estimate_memory(config, tier_spec(config, max_tier(config)), micro_batch, seq_len, optimizer)
+    raise ConfigError(f"even the smallest tier ({max_tier(config)}) needs about {smallest / 2**20:.0f} MiB, more "
+                      f"than the {budget / 2**20:.0f} MiB available; free memory or lower train.micro_batch_size")
+
+
+def available_memory(device: str) -> int:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+# ------------------------------------------------------------------------------------------ the client
+@dataclass
+class ClientState:
+    model_step: int = -1  # the step the local weights are at (-1: no model yet)
+    committed_step: int = -1
+    applied_step: int = -1
+    reported_epoch: int = -1
+    ready_epoch: int = -1
+    last_loss: float | None = None
+    tokens: int = 0
+    rounds: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TrainingClient:
+    def __init__(self, options: ClientOptions) -> None:
+        self.opts = options
+        self.state = ClientState()
+        self.metrics = MetricsWriter(options.metrics_path)
+        self.client_id = ""
+        self.run: RunConfig | None = None
+        self.config: MatFormerConfig | None = None  # the universal config
+        self.spec: TierSpec | None = None
+        self.replica: Replica | None = None
+        self.transport: Transport | None = None
+        self.stream = None  # a local TokenStream when data.source = "local"
+        self.data_id: str | None = None
+        self.version = -1
+        self.phase = ""
+        self.pending_timing: dict[str, float] = {}
+        self.device = torch.device(options.device if options.device != "auto" else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # ------------------------------------------------------------------ entry
+    async def run_async(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session:
+            self.transport = Transport(self.opts.coordinator, session)
+            await self._join()
+            beat = asyncio.create_task(self._heartbeats())
+            try:
+                return await self._loop()
+            finally:
+                beat.cancel()
+                self.metrics.close()
+
+    def run_blocking(self) -> dict[str, Any]:
+        return asyncio.run(self.run_async())
+
+    # ------------------------------------------------------------------ joining
+    async def _universal_config(self) -> MatFormerConfig:
+        deadline = time.monotonic() + self.opts.join_timeout
+        while True:
+            try:
+                raw = await self.transport.get_bytes("/checkpoint/files/model/config.json", auth=False)
+                return MatFormerConfig.from_dict(json.loads(raw))
+            except (Unreachable, CoordinatorError) as exc:
+                if time.monotonic() > deadline:
+                    raise Unreachable(f"cannot reach the coordinator at {self.opts.coordinator}: {exc}") from exc
+                await asyncio.sleep(0.5)
+
+    async def _join(self) -> None:
+        config = await self._universal_config()
+        tier, spec_text = self.opts.tier, self.opts.spec
+        if tier is None and spec_text is None:  # --tier auto
+            budget = self.opts.memory_limit or available_memory(self.opts.device)
+            tier = choose_tier(config, budget, 8, 128, "distro")
+            log.info("--tier auto: %.0f MiB available -> tier %d", budget / 2**20, tier)
+        spec = tier_spec(config, tier) if tier is not None else parse_spec(config, spec_text)
+        body = {"token": self.opts.token, "name": self.opts.name, "device": str(self.device),
+                "memory_bytes": self.opts.memory_limit or available_memory(self.opts.device),
+                "throughput": 1.0 * 2 ** (spec.tier or 0), "schema_hash": schema_hash(config)}
+        body.update({"tier": tier} if tier is not None else {"spec": spec_text})
+        answer = await self.transport.call("POST", "/join", body, auth=False)
+        self.transport.auth = answer["session"]
+        self.client_id = answer["client_id"]
+        self.run = parse_run_config(answer["run"], source="the coordinator's run config")
+        self.config = MatFormerConfig.from_dict(answer["model_config"])
+        self.spec = spec
+        torch.set_num_threads(self.opts.threads or self.run.train.threads)
+        if self.run.data.source == "local":
+            from aftermath.data import TokenStream, default_data_dir
+
+            data_dir = Path(self.run.data.dir) if self.run.data.dir else default_data_dir()
+            self.stream = TokenStream(data_dir, self.run.data.seq_len, seed=self.run.seed, split="train",
+                                      vocab_size=self.config.vocab_size)
+        log.info("joined as %s (%s), status %s", self.client_id, spec.name, answer["status"])
+        self._record(event="joined", status=answer["status"])
+
+    async def _heartbeats(self) -> None:
+        interval = self.run.schedule.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.transport.call("POST", "/heartbeat", {"stats": self._stats()}, timeout=10)
+            except CoordinatorError as exc:
+                if exc.status == 401:  # our session is gone (dropped): the loop rejoins
+                    continue
+            except Unreachable:
+                continue
+
+    def _stats(self) -> dict[str, Any]:
+        s = self.state
+        t = self.transport.stats
+        return {"loss": s.last_loss, "bytes_up": t.bytes_up, "bytes_down": t.bytes_down, "tokens": s.tokens,
+                "tokens_per_s": round(s.tokens / s.train_seconds, 1) if s.train_seconds else None,
+                "peak_memory": peak_memory_bytes(), "step": s.model_step, "phase": self.phase}
+
+    def _record(self, **fields: Any) -> None:
+        record = self.metrics.write(client_id=self.client_id, tier=self.spec.tier if self.spec else None,
+                                    spec=self.spec.name if self.spec else None, **fields)
+        if self.opts.on_update is not None:
+            self.opts.on_update(record)
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> dict[str, Any]:
+        while True:
+            try:
+                snap = await self.transport.call("GET", "/state", params={"after": self.version, "wait": 10},
+                                                 auth=False, timeout=40)
+            except Unreachable as exc:
+                log.warning("coordinator unreachable (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            self.version = snap["version"]
+            self.phase = snap["phase"]
+            try:
+                done = await self._act(snap)
+            except CoordinatorError as exc:
+                if exc.status == 401:
+                    log.warning("session lost (%s); joining again", exc.message)
+                    await self._join()
+                    continue
+                log.info("coordinator refused: %s", exc.message)  # e.g. too late for the round: go on
+                continue
+            if done:
+                return self._final()
+
+    def _me(self, snap: dict[str, Any]) -> dict[str, Any] | None:
+        for m in snap["members"]:
+            if m["id"] == self.client_id:
+                return m
+        return None
+
+    async def _act(self, snap: dict[str, Any]) -> bool:
+        phase = snap["phase"]
+        me = self._me(snap)
+        if phase == "Finished":  # the final hash was reported in the last cooldown
+            return True
+        if me is None or me["status"] == "gone":
+            log.warning("dropped by the coordinator; joining again")
+            await self._join()
+            return False
+        if me["status"] != "member":
+            return False  # waiting for the next epoch
+        rnd = snap["round"]
+        if phase == "Warmup" and me["ready_epoch"] != snap["epoch"]:
+            await self._ensure_model(snap["checkpoint"]["step"])
+            await self.transport.call("POST", "/ready", {"epoch": snap["epoch"]})
+        elif phase == "RoundTrain" and rnd is not None:
+            step = rnd["step"]
+            mine = rnd["assignments"].get(self.client_id)
+            if mine and self.client_id not in rnd["committed"] and self.state.committed_step < step \
+                    and self.state.model_step == step:
+                await self._train(step, mine[0], mine[1])
+        elif phase == "RoundWitness" and rnd is not None and rnd["accepted"] is not None:
+            step = rnd["step"]
+            if self.state.applied_step < step and self.state.model_step == step:
+                await self._apply(step, rnd["accepted"])
+        elif phase == "Cooldown":
+            if self.state.reported_epoch < snap["epoch"] and self.state.model_step == snap["step"]:
+                sha = await asyncio.get_running_loop().run_in_executor(None, self.replica.weights_sha256)
+                await self.transport.call("POST", "/hash", {"epoch": snap["epoch"], "step": snap["step"],
+                                                           "weights_sha256": sha, "stats": self._stats()})
+                self.state.reported_epoch = snap["epoch"]
+                self._record(event="hash", epoch=snap["epoch"], step=snap["step"], weights_sha256=sha)
+        return False
+
+    # ------------------------------------------------------------------ warmup: the model
+    async def _ensure_model(self, checkpoint_step: int) -> None:
+        if self.replica is not None and self.state.model_step == checkpoint_step:
+            return
+        started = time.perf_counter()
+        ck = await self.transport.call("GET", "/checkpoint", auth=False)
+        manifest = ck["manifest"]
+        entry = next((e for e in manifest["tiers"] if e["name"] == self.spec.name), None)
+        if entry is None:
+            raise ConfigError(f"the coordinator's checkpoint has no {self.spec.name} export; ask the operator to add "
+                              f"it to model.export_tiers")
+        local = self.opts.work_dir / self.client_id / "model"
+        if local.exists():
+            shutil.rmtree(local)
+        local.mkdir(parents=True)
+        model_dir = ck["model_dir"]
+        # every file of the entry, and the common files, relative to the manifest's directory
+        for rel in list(entry["files"]) + [f for f in manifest.get("common_files", []) if f not in entry["files"]]:
+            path = posixpath.normpath(posixpath.join(model_dir, rel))
+            data = await self.transport.get_bytes(f"/checkpoint/files/{path}", manifest["sha256"][rel], auth=False)
+            (local / posixpath.basename(path)).write_bytes(data)
+        loop = asyncio.get_running_loop()
+
+        def load() -> Replica:
+            model = load_model_dir(local).to(self.device)
+            return Replica(model, self.config, self.spec, self.run)
+
+        self.replica = await loop.run_in_executor(None, load)
+        self.state.model_step = ck["info"]["step"]
+        if self.state.model_step != checkpoint_step:
+            raise CoordinatorError(409, f"the checkpoint changed while loading (step {self.state.model_step})")
+        self._record(event="model_loaded", step=self.state.model_step,
+                     seconds=round(time.perf_counter() - started, 3),
+                     parameters=sum(p.numel() for p in self.replica.model.parameters()))
+
+    # ------------------------------------------------------------------ a round: train
+    async def _batch(self, start: int, end: int) -> torch.Tensor:
+        if self.stream is not None:
+            return await asyncio.get_running_loop().run_in_executor(None, self.stream.sequences, start, end)
+        from aftermath.data.server import fetch_sequences
+
+        before = time.perf_counter()
+        batch = await fetch_sequences(self.opts.coordinator, start, end, self.run.data.seq_len, seed=self.run.seed,
+                                      split="train", session=self.transport.session)
+        # counted as downloaded bytes (the server sends 2 or 4 bytes per token)
+        self.transport.stats.bytes_down += batch.numel() * (2 if self.config.vocab_size <= 65536 else 4)
+        self.pending_timing["t_data"] = time.perf_counter() - before
+        return batch
+
+    async def _train(self, step: int, start: int, end: int) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        batch = await self._batch(start, end)
+        t_data = time.perf_counter() - t0
+        micro = self.run.train.micro_batch_size
+        result = await loop.run_in_executor(None, self.replica.train, batch.to(self.device), micro)
+        t1 = time.perf_counter()
+        blob = await loop.run_in_executor(None, self.replica.encode, result.grads, step, self.client_id)
+        t_encode = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        sha = await self.transport.put_blob(blob)
+        self.state.last_loss = result.loss
+        self.state.tokens += result.tokens
+        self.state.train_seconds += result.seconds
+        stats = self._stats()
+        await self.transport.call("POST", "/commit", {
+            "step": step, "blob": sha, "sequences": result.sequences, "train_seconds": result.seconds,
+            "loss": result.loss if math.isfinite(result.loss) else 1e9, "stats": stats})
+        t_upload = time.perf_counter() - t2
+        self.state.committed_step = step
+        self.state.rounds += 1
+        self.pending_timing = {"t_data": t_data, "t_train": result.seconds, "t_encode": t_encode,
+                               "t_upload": t_upload, "payload_bytes": len(blob), "loss": result.loss,
+                               "sequences": result.sequences, "tokens": result.tokens}
+
+    # ------------------------------------------------------------------ a round: apply
+    async def _apply(self, step: int, accepted: list[dict[str, Any]]) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        blobs = await asyncio.gather(*(self.transport.get_blob(c["blob"]) for c in accepted))
+        t_download = time.perf_counter() - t0
+        t1 = time.perf_counter()
+
+        def decode_and_aggregate() -> dict[str, torch.Tensor]:
+            payloads = []
+            for c, data in zip(accepted, blobs):
+                # a Mix'n'Match sender: its spec travels in the payload (the coordinator checked it at commit)
+                spec = tier_spec(self.config, c["tier"]) if c["tier"] is not None else None
+                payloads.append(self.replica.decode(data, step, c["client_id"], spec))
+            return self.replica.aggregate(payloads, step)
+
+        update = await loop.run_in_executor(None, decode_and_aggregate)
+        t_aggregate = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        await loop.run_in_executor(None, self.replica.apply_update, update, step)
+        t_apply = time.perf_counter() - t2
+        self.state.model_step = step + 1
+        self.state.applied_step = step
+        await self.transport.call("POST", "/applied", {"step": step})
+        timing = self.pending_timing if self.state.committed_step == step else {}
+        self.pending_timing = {}
+        stats = self._stats()
+        train = timing.get("t_train")
+        self._record(event="round", step=step, phase="RoundWitness", loss=timing.get("loss"),
+                     tokens=timing.get("tokens", 0), sequences=timing.get("sequences", 0),
+                     tokens_per_s=round(timing["tokens"] / train, 1) if train else None,
+                     bytes_up=stats["bytes_up"], bytes_down=stats["bytes_down"], peak_memory=stats["peak_memory"],
+                     payload_bytes=timing.get("payload_bytes"), accepted=len(accepted),
+                     t_data=timing.get("t_data"), t_train=train, t_encode=timing.get("t_encode"),
+                     t_upload=timing.get("t_upload"), t_download=round(t_download, 4),
+                     t_aggregate=round(t_aggregate, 4), t_apply=round(t_apply, 4))
+
+    def _final(self) -> dict[str, Any]:
+        stats = self._stats()
+        sha = self.replica.weights_sha256() if self.replica is not None else None
+        self._record(event="finished", step=self.state.model_step, weights_sha256=sha, **{
+            k: stats[k] for k in ("loss", "bytes_up", "bytes_down", "tokens", "tokens_per_s", "peak_memory")})
+        return {"client_id": self.client_id, "tier": self.spec.tier, "step": self.state.model_step,
+                "weights_sha256": sha, **stats}

@@ -1,0 +1,116 @@
+"""The client's transport to the coordinator: JSON calls, blobs and checkpoint files over aiohttp, with retries
+and byte counters. Every request goes through `Transport._send`, the one place where a request leaves the
+client: that is where fault injection (latency, loss, bandwidth: the Faults issue) belongs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from aftermath.errors import AftermathError
+
+
+class CoordinatorError(AftermathError):
+    """The coordinator answered with an error (status and its JSON message)."""
+
+    def __init__(self, status: int, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(f"coordinator said {status}: {message}")
+        self.status = status
+        self.message = message
+        self.data = data or {}
+
+
+class Unreachable(AftermathError):
+    """The coordinator could not be reached after the retries."""
+
+
+@dataclass
+class TransferStats:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    requests: int = 0
+    retries: int = 0
+
+
+class Transport:
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, *, retries: int = 5, backoff: float = 0.2,
+                 timeout: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = session
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.auth: str | None = None
+        self.stats = TransferStats()
+
+    # ------------------------------------------------------------------ the one exit
+    async def _send(self, method: str, path: str, *, body: bytes | None = None,
+                    content_type: str = "application/json", params: dict[str, Any] | None = None,
+                    auth: bool = True, timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, bytes]:
+        """One request with retries on connection errors and 5xx; returns (status, body) of the final answer."""
+        headers = {"Content-Type": content_type} if body is not None else {}
+        if auth and self.auth:
+            headers["Authorization"] = f"Bearer {self.auth}"
+        delay = self.backoff
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                self.stats.requests += 1
+                async with self.session.request(method, self.base_url + path, data=body, headers=headers,
+                                                params=params, timeout=timeout or self.timeout) as resp:
+                    data = await resp.read()
+                    self.stats.bytes_up += len(body or b"")
+                    self.stats.bytes_down += len(data)
+                    if resp.status >= 500:
+                        last = CoordinatorError(resp.status, data[:200].decode(errors="replace"))
+                    else:
+                        return resp.status, data
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                last = exc
+            if attempt < self.retries:
+                self.stats.retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise Unreachable(f"{method} {self.base_url}{path} failed after {self.retries + 1} attempts: {last}")
+
+    # ------------------------------------------------------------------ calls
+    async def call(self, method: str, path: str, payload: dict[str, Any] | None = None, *,
+                   params: dict[str, Any] | None = None, auth: bool = True,
+                   timeout: float | None = None) -> dict[str, Any]:
+        body = None if payload is None else json.dumps(payload).encode()
+        status, data = await self._send(method, path, body=body, params=params, auth=auth,
+                                        timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None)
+        try:
+            parsed = json.loads(data) if data else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            parsed = {"error": data[:200].decode(errors="replace")}
+        if status >= 400:
+            raise CoordinatorError(status, parsed.get("error", "?") if isinstance(parsed, dict) else str(parsed),
+                                   parsed if isinstance(parsed, dict) else None)
+        return parsed
+
+    async def put_blob(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        status, body = await self._send("PUT", f"/blobs/{sha}", body=data, content_type="application/octet-stream")
+        if status >= 400:
+            raise CoordinatorError(status, body[:300].decode(errors="replace"))
+        return sha
+
+    async def get_bytes(self, path: str, sha256: str | None = None, auth: bool = True) -> bytes:
+        """GET raw bytes; with `sha256`, the bytes are checked (a damaged transfer is retried once more)."""
+        for attempt in range(2):
+            status, body = await self._send("GET", path, auth=auth)
+            if status >= 400:
+                raise CoordinatorError(status, body[:300].decode(errors="replace"))
+            if sha256 is None or hashlib.sha256(body).hexdigest() == sha256:
+                return body
+        raise CoordinatorError(502, f"{path}: the bytes received do not hash to {sha256}")
+
+    async def get_blob(self, sha256: str) -> bytes:
+        return await self.get_bytes(f"/blobs/{sha256}", sha256)

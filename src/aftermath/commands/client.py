@@ -1,0 +1,76 @@
+"""`aftermath client`: join a training run and train one tier of the model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from rich.console import Console
+
+from aftermath.errors import ConfigError
+
+
+def parse_memory(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise ConfigError(f"--memory-limit {text!r} is not a size; write e.g. 4GiB, 512MiB or 1000000")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "client", help="join a training run and train one tier",
+        description="Join the training run of a coordinator and train one tier (or Mix'n'Match spec) of its "
+        "MatFormer model: each round it trains its share of the batch, publishes a compressed DisTrO update, "
+        "then applies every accepted update of the round so that all replicas stay identical.")
+    p.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://10.0.0.5:8700")
+    p.add_argument("--token", required=True, help="the run token (printed by the coordinator)")
+    p.add_argument("--tier", default="0", help="tier to train: a number (0 = full width) or auto (the widest "
+                   "tier whose estimated memory fits; see --memory-limit) (default 0)")
+    p.add_argument("--spec", help="a Mix'n'Match spec instead of a tier: NAME=w0,w1,... (one FFN width per layer)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--memory-limit", help="memory budget for --tier auto, e.g. 4GiB (default: free memory)")
+    p.add_argument("--name", default="", help="a name for this client (letters, digits, . _ -)")
+    p.add_argument("--metrics", type=Path, help="write per-round metrics as JSON lines to this file")
+    p.add_argument("--work-dir", type=Path, default=Path(".aftermath-client"),
+                   help="where downloaded model files go (default ./.aftermath-client)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the run's train.threads)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aftermath.client.loop import ClientOptions, TrainingClient
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    console = Console(stderr=True)
+    if args.spec and args.tier not in ("0", None):
+        raise ConfigError("give --tier or --spec, not both")
+    if args.spec:
+        tier = None
+    elif args.tier == "auto":
+        tier = None
+    else:
+        try:
+            tier = int(args.tier)
+        except ValueError:
+            raise ConfigError(f"--tier {args.tier!r} must be a number or auto")
+    device = args.device
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
+    options = ClientOptions(coordinator=args.coordinator, token=args.token, tier=tier, spec=args.spec,
+                            name=args.name, device=device, memory_limit=parse_memory(args.memory_limit),
+                            work_dir=args.work_dir, metrics_path=args.metrics, threads=args.threads)
+    result = TrainingClient(options).run_blocking()
+    loss = result.get("loss")
+    console.print(f"[bold]{result['client_id']}[/bold] ({'tier ' + str(result['tier'])}) finished at step "
+                  f"{result['step']}: loss {'-' if loss is None else f'{loss:.3f}'}, "
+                  f"{result['bytes_up']} bytes up, {result['bytes_down']} bytes down, "
+                  f"weights {str(result['weights_sha256'])[:16]}")
+    return 0

@@ -1,0 +1,315 @@
+"""The local testnet: a coordinator and N client processes on 127.0.0.1, a live view, and the run's results.
+
+Every part is a real process started with this Python (`python -m aftermath.cli coordinator|client ...`),
+talking HTTP on 127.0.0.1, exactly as on separate machines. Output directory:
+
+    OUT/checkpoint/          final universal checkpoint, tier exports, manifest (written by the coordinator)
+    OUT/metrics/*.jsonl      one JSONL per process (coordinator.jsonl, client-0.jsonl, ...)
+    OUT/summary.json         steps, replicas_consistent, clients, validation loss per tier
+    OUT/loss.png             training loss per tier over steps, and validation loss per tier at epoch ends
+    OUT/logs/*.log           each process's output
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from aftermath.errors import AftermathError, ConfigError
+from aftermath.metrics import read_metrics
+
+OWNED = ("checkpoint", "metrics", "blobs", "logs", "summary.json", "loss.png", "state.json", ".checkpoint-tmp",
+         ".checkpoint-old", ".clients", "coordinator.json")
+
+
+@dataclass
+class TestnetOptions:
+    __test__ = False  # not a pytest test class
+    clients: int = 3
+    tiers: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int | None = None
+    config: Path | None = None
+    out: Path = Path("out")
+    live: bool = True
+    timeout: float = 600.0
+    threads: int = 1
+    extra_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def testnet_config_text(options: TestnetOptions) -> str:
+    """The run config the testnet's coordinator gets: the user's (or the default) plus testnet quorums."""
+    from aftermath.runconfig import load_run_config
+
+    run = load_run_config(options.config)
+    overrides = {"schedule.init_min_clients": options.clients, "schedule.min_clients": 1,
+                 "schedule.waiting_for_members_extra_time": 0.2, "schedule.total_steps": options.steps,
+                 "network.port": 0, "network.host": "127.0.0.1", "train.threads": options.threads}
+    overrides.update(options.extra_overrides)
+    run = run.with_overrides(overrides)
+    return _to_toml(run.model_dump())
+
+
+def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A small TOML writer for the run config (tables, strings, numbers, booleans, lists)."""
+    lines, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        out += f"\n[{name}]\n" + _to_toml(value, prefix=name + ".")
+    return out
+
+
+def clean_out(out: Path) -> None:
+    """Remove what an earlier testnet wrote in `out` (only the names the testnet owns)."""
+    for name in OWNED:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class Testnet:
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, options: TestnetOptions, console: Console | None = None) -> None:
+        if options.clients < 1:
+            raise ConfigError(f"--clients {options.clients}: need at least one client")
+        if not options.tiers:
+            raise ConfigError("--tiers needs at least one tier, e.g. 0,1,2")
+        self.opts = options
+        self.console = console or Console()
+        self.out = options.out
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.url = ""
+        self.token = secrets.token_urlsafe(12)
+        self.last_state: dict[str, Any] | None = None
+        self.started = 0.0
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.out / "logs" / f"{name}.log", "w")
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.opts.threads), MKL_NUM_THREADS=str(self.opts.threads),
+                   PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "aftermath.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=os.getcwd())
+        self.procs[name] = proc
+        return proc
+
+    def _stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def run(self) -> dict[str, Any]:
+        from aftermath.data import default_data_dir
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        clean_out(self.out)
+        (self.out / "logs").mkdir()
+        (self.out / "metrics").mkdir()
+        config_path = self.out / "logs" / "run.toml"
+        config_text = testnet_config_text(self.opts)
+        config_path.write_text(config_text)
+        default_data_dir()  # prepare the embedded corpus once, before the processes race for it
+        self.started = time.perf_counter()
+        ready_file = self.out / "coordinator.json"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._spawn("coordinator", ["coordinator", "--config", str(config_path), "--run-dir", str(self.out),
+                                    "--token", self.token, "--port", str(port), "--ready-file", str(ready_file)])
+        self.console.print(f"[bold]testnet[/bold]: coordinator at [green]{self.url}[/green] "
+                           f"(state: {self.url}/state), {self.opts.clients} clients, tiers {self.opts.tiers}")
+        try:
+            # clients start beside the coordinator (importing torch takes a while) and retry until it answers
+            for i in range(self.opts.clients):
+                tier = self.opts.tiers[i % len(self.opts.tiers)]
+                self._spawn(f"client-{i}", [
+                    "client", "--coordinator", self.url, "--token", self.token, "--tier", str(tier),
+                    "--name", f"client-{i}", "--metrics", str(self.out / "metrics" / f"client-{i}.jsonl"),
+                    "--work-dir", str(self.out / ".clients"), "--threads", str(self.opts.threads), "--device", "cpu"])
+            self._wait_ready(ready_file)
+            asyncio.run(self._watch())
+        finally:
+            self._stop_all()
+        wall = time.perf_counter() - self.started
+        summary_path = self.out / "summary.json"
+        if not summary_path.is_file():
+            raise AftermathError(f"the run did not finish: no {summary_path}; see the logs in {self.out / 'logs'}")
+        summary = json.loads(summary_path.read_text())
+        summary["wall_seconds"] = round(wall, 2)
+        summary["throughput"] = self._throughput()
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        plot_losses(self.out, self.out / "loss.png")
+        shutil.rmtree(self.out / ".clients", ignore_errors=True)
+        ready_file.unlink(missing_ok=True)
+        return summary
+
+    def _wait_ready(self, ready_file: Path) -> str:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if ready_file.is_file():
+                try:
+                    return json.loads(ready_file.read_text())["url"]
+                except (json.JSONDecodeError, KeyError):
+                    pass
+            if self.procs["coordinator"].poll() is not None:
+                raise AftermathError("the coordinator exited at start: " + self._tail("coordinator"))
+            time.sleep(0.1)
+        raise AftermathError("the coordinator did not start within 120 s: " + self._tail("coordinator"))
+
+    def _tail(self, name: str, lines: int = 15) -> str:
+        path = self.out / "logs" / f"{name}.log"
+        return "\n" + "\n".join(path.read_text().splitlines()[-lines:]) if path.is_file() else ""
+
+    # ------------------------------------------------------------------ watching
+    async def _watch(self) -> None:
+        deadline = time.monotonic() + self.opts.timeout
+        live = Live(self._view(), console=self.console, refresh_per_second=4, transient=False) \
+            if self.opts.live else None
+        if live:
+            live.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                while True:
+                    coordinator = self.procs["coordinator"]
+                    if coordinator.poll() is not None:
+                        break
+                    for name, proc in self.procs.items():
+                        if name != "coordinator" and proc.poll() not in (None, 0):
+                            raise AftermathError(f"{name} failed (exit {proc.returncode}):" + self._tail(name))
+                    if time.monotonic() > deadline:
+                        raise AftermathError(f"the testnet did not finish in {self.opts.timeout:.0f} s; logs in "
+                                             f"{self.out / 'logs'}")
+                    try:
+                        async with session.get(f"{self.url}/state", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                            self.last_state = await r.json()
+                    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
+                        pass
+                    if live:
+                        live.update(self._view())
+                    await asyncio.sleep(0.25)
+        finally:
+            if live:
+                live.update(self._view())
+                live.stop()
+        for name, proc in self.procs.items():
+            if name != "coordinator":
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    def _view(self) -> Group:
+        st = self.last_state
+        elapsed = time.perf_counter() - self.started if self.started else 0.0
+        if st is None:
+            return Group(Text(f"starting... {elapsed:.0f}s"))
+        head = Text.assemble(("phase ", "dim"), (st["phase"], "bold cyan"), ("  step ", "dim"),
+                             f"{st['step']}/{st['total_steps']}", ("  epoch ", "dim"), str(st["epoch"]),
+                             ("  elapsed ", "dim"), f"{elapsed:.0f}s", ("  ", ""), (self.url, "green"))
+        table = Table("client", "tier", "status", "loss", "tokens/s", "bytes up", "bytes down", "rounds", box=None)
+        for m in st["members"]:
+            s = m.get("stats", {})
+            loss = s.get("loss")
+            table.add_row(m["id"], str(m["tier"]), m["status"], "-" if loss is None else f"{loss:.3f}",
+                          str(s.get("tokens_per_s") or "-"), _size(s.get("bytes_up", 0)),
+                          _size(s.get("bytes_down", 0)), str(m["rounds_contributed"]))
+        return Group(head, table)
+
+    def _throughput(self) -> dict[str, Any]:
+        """Tokens/s and bytes per round, from the clients' metrics."""
+        tokens, rounds, payload, train = 0, 0, 0, 0.0
+        for path in sorted((self.out / "metrics").glob("client-*.jsonl")):
+            for rec in read_metrics(path):
+                if rec.get("event") == "round" and rec.get("tokens"):
+                    tokens += rec["tokens"]
+                    payload += rec.get("payload_bytes") or 0
+                    train += rec.get("t_train") or 0.0
+                    rounds += 1
+        wall = time.perf_counter() - self.started
+        return {"tokens": tokens, "tokens_per_s_wall": round(tokens / wall, 1) if wall else None,
+                "payload_bytes_total": payload, "payloads": rounds,
+                "payload_bytes_mean": round(payload / rounds) if rounds else None}
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (the coordinator binds it a moment later)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _size(n: int | float | None) -> str:
+    n = float(n or 0)
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}TB"
+
+
+def plot_losses(out: Path, path: Path) -> Path:
+    """Training loss per tier over steps (mean of that tier's clients) and validation loss at epoch ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_tier: dict[str, dict[int, list[float]]] = {}
+    for metrics in sorted((out / "metrics").glob("client-*.jsonl")):
+        for rec in read_metrics(metrics):
+            if rec.get("event") == "round" and rec.get("loss") is not None:
+                per_tier.setdefault(str(rec.get("spec")), {}).setdefault(rec["step"], []).append(rec["loss"])
+    val: dict[str, list[tuple[int, float]]] = {}
+    coordinator = out / "metrics" / "coordinator.jsonl"
+    if coordinator.is_file():
+        for rec in read_metrics(coordinator):
+            if rec.get("event") == "checkpoint":
+                for name, loss in (rec.get("val_loss") or {}).items():
+                    val.setdefault(name, []).append((rec["step"], loss))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {}
+    for i, (name, steps) in enumerate(sorted(per_tier.items())):
+        xs = sorted(steps)
+        line, = ax.plot(xs, [sum(steps[x]) / len(steps[x]) for x in xs], label=f"{name} train", alpha=0.8)
+        colors[name] = line.get_color()
+    for name, points in sorted(val.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, "o--", color=colors.get(name), label=f"{name} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("MatFormer testnet: loss per tier")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
