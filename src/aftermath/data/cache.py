@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,20 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def remove_abandoned_temporaries(directory: Path) -> None:
+    """Delete `.NAME.tmp-PID-*` build directories whose process is gone (killed while preparing)."""
+    if not directory.is_dir():
+        return
+    for tmp in directory.glob(".*.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
+            os.kill(pid, 0)  # raises when no such process exists
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
 def default_cache_key(corpus: EmbeddedCorpus, tokenizer: str, vocab_size: int) -> str:
     options = {"corpus": corpus.fingerprint, "tokenizer": tokenizer,
                "vocab_size": vocab_size if tokenizer == "bpe" else None, "meta_version": META_VERSION,
@@ -50,6 +65,7 @@ def ensure_default_data(tokenizer: str = "bpe", vocab_size: int = DEFAULT_BPE_VO
     final = cache_root() / "data" / f"shakespeare-{tokenizer}-{key}"
     if (final / META_FILE).is_file():
         return final
+    remove_abandoned_temporaries(final.parent)
     progress(f"preparing the embedded Shakespeare corpus ({len(corpus.plays)} plays, tokenizer {tokenizer}) "
              f"into {final} (once; later runs reuse it)")
     start = time.perf_counter()
