@@ -102,7 +102,7 @@ def aggregate_distro(payloads: Iterable[Payload], plan: ChunkPlan, *, average_ov
         if average_over == "covering":
             counts = counts.repeat_interleave(pc.chunk_numel)
         mean = sums / counts.clamp(min=1.0)
-        full = idct_chunks(mean.reshape(n_universal, pc.chunk_numel), pc.universal_shape, pc.chunk)
+        full = idct_chunks(mean.reshape(n_universal, pc.chunk_numel), pc.universal_shape, pc.chunk, plan.bases)
         out[name] = full.to(torch.float32)[region_slices(target)].contiguous()
     return out
 

@@ -23,6 +23,7 @@ import torch
 from aftermath.errors import ConfigError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import TierSpec, max_tier, own_spec, param_shapes, tier_spec
+from aftermath.optim.dct import Bases
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -97,6 +98,7 @@ class ChunkPlan:
         self.model_config = model_config.base()
         self.chunk = chunk
         self.min_chunk = min_chunk
+        self.bases = Bases()  # DCT bases of every chunk size, built once
         universal = param_shapes(self.model_config, own_spec(self.model_config))
         tiers = [param_shapes(self.model_config, tier_spec(self.model_config, t))
                  for t in range(max_tier(self.model_config) + 1)]

@@ -40,21 +40,50 @@ def from_chunks(blocks: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, 
     return blocks.reshape(rows // c0, cols // c1, c0, c1).permute(0, 2, 1, 3).reshape(rows, cols)
 
 
-def dct_chunks(x: torch.Tensor, chunk: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+class Bases:
+    """A cache of DCT bases by (size, dtype), owned by whoever transforms many tensors (no global state)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def get(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (n, dtype)
+        if key not in self._cache:
+            self._cache[key] = dct_basis(n, dtype)
+        return self._cache[key]
+
+
+def _left(blocks: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """m @ block for every block of (N, a, b), as one 2-D matrix product."""
+    n, a, b = blocks.shape
+    return (blocks.transpose(1, 2).reshape(n * b, a) @ m.T).reshape(n, b, -1).transpose(1, 2)
+
+
+def _right(blocks: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """block @ m for every block of (N, a, b), as one 2-D matrix product."""
+    n, a, b = blocks.shape
+    return (blocks.reshape(n * a, b) @ m).reshape(n, a, -1)
+
+
+def dct_chunks(x: torch.Tensor, chunk: tuple[int, ...], dtype: torch.dtype | None = None,
+               bases: Bases | None = None) -> torch.Tensor:
     """DCT-II coefficients of every chunk of `x`: shape (n_chunks, prod(chunk)), in `dtype` (default x's)."""
     dtype = dtype or x.dtype
+    bases = bases or Bases()
     blocks = to_chunks(x.to(dtype), chunk)
     if x.dim() == 1:
-        return blocks @ dct_basis(chunk[0], dtype).T
-    b0, b1 = dct_basis(chunk[0], dtype), dct_basis(chunk[1], dtype)
-    return (b0 @ blocks @ b1.T).reshape(blocks.shape[0], -1)
+        return blocks @ bases.get(chunk[0], dtype).T
+    b0, b1 = bases.get(chunk[0], dtype), bases.get(chunk[1], dtype)
+    return _left(_right(blocks, b1.T), b0).reshape(blocks.shape[0], -1)
 
 
-def idct_chunks(coeffs: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> torch.Tensor:
+def idct_chunks(coeffs: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...],
+                bases: Bases | None = None) -> torch.Tensor:
     """The tensor of `shape` whose chunk coefficients are `coeffs` (n_chunks, prod(chunk)); same dtype."""
     dtype = coeffs.dtype
+    bases = bases or Bases()
     if len(shape) == 1:
-        return from_chunks(coeffs @ dct_basis(chunk[0], dtype), shape, chunk)
-    b0, b1 = dct_basis(chunk[0], dtype), dct_basis(chunk[1], dtype)
-    blocks = b0.T @ coeffs.reshape(-1, chunk[0], chunk[1]) @ b1
+        return from_chunks(coeffs @ bases.get(chunk[0], dtype), shape, chunk)
+    b0, b1 = bases.get(chunk[0], dtype), bases.get(chunk[1], dtype)
+    blocks = _left(_right(coeffs.reshape(-1, chunk[0], chunk[1]), b1), b0.T)
     return from_chunks(blocks, shape, chunk)

@@ -137,7 +137,7 @@ class DistroOptimizer:
             if grad is not None:
                 delta.add_(grad.detach()[region_slices(shape)].to(torch.float32) * lr)
             pc = self.plan.params[name]
-            coeffs = dct_chunks(delta, pc.chunk)
+            coeffs = dct_chunks(delta, pc.chunk, bases=self.plan.bases)
             k = pc.topk(self.config.topk)
             top = coeffs.abs().topk(k, dim=1).indices.sort(dim=1).values
             values = coeffs.gather(1, top)
@@ -145,7 +145,7 @@ class DistroOptimizer:
                 # the receiver sees the wire-rounded values; feed back exactly what they see
                 values = values.to(VALUE_DTYPES[self.config.value_dtype]).to(torch.float32)
             sent = torch.zeros_like(coeffs).scatter_(1, top, values)
-            delta.sub_(idct_chunks(sent, shape, pc.chunk))
+            delta.sub_(idct_chunks(sent, shape, pc.chunk, bases=self.plan.bases))
             out[name] = SparseCoefficients(shape=shape, indices=top, values=values)
         return out
 
