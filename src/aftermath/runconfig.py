@@ -46,8 +46,8 @@ class ScheduleSection(_Section):
     cooldown_time: float = Field(60.0, gt=0, description="longest wait at an epoch end for the replica hash reports")
     rounds_per_epoch: int = Field(20, ge=1, description="rounds (optimizer steps) per epoch; a checkpoint ends each")
     epoch_time: float = Field(0.0, ge=0, description="if > 0, an epoch also ends after this many seconds")
-    global_batch_size: int = Field(24, ge=1, description="sequences per optimizer step, split among the round's clients")
-    total_steps: int = Field(60, ge=1, description="optimizer steps of the whole run")
+    global_batch_size: int = Field(32, ge=1, description="sequences per optimizer step, split among the round's clients")
+    total_steps: int = Field(40, ge=1, description="optimizer steps of the whole run")
     heartbeat_interval: float = Field(1.0, gt=0, description="how often clients send a heartbeat")
     heartbeat_timeout: float = Field(15.0, gt=0, description="a client silent this long is dropped")
 

@@ -14,7 +14,7 @@ from aftermath.errors import ConfigError
 def add_testnet_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=3, help="client processes (default 3)")
     p.add_argument("--tiers", default="0,1,2", help="tiers, assigned to the clients cyclically (default 0,1,2)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the run config's total_steps, 60)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the run config's total_steps, 40)")
     p.add_argument("--config", type=Path, help="run.toml laid over the embedded default run")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default ./out)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")

@@ -15,13 +15,12 @@ a complete checkpoint (or, for an instant during the swap, `.checkpoint-old/` is
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from aftermath.checkpoint.export import export_tiers
 from aftermath.checkpoint.hf_dir import load_model_dir, save_model_dir
@@ -37,6 +36,7 @@ from aftermath.runconfig import RunConfig
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
 INFO_FILE = "checkpoint.json"
+EVAL_BATCH = 8
 
 
 def run_model_config(run: RunConfig) -> MatFormerConfig:
@@ -64,7 +64,7 @@ class ModelKeeper:
             if t < 0 or t > max_tier(self.config):
                 raise ConfigError(f"model.export_tiers lists tier {t}; this model has tiers 0..{max_tier(self.config)}")
         self.replica: Replica | None = None
-        self.val_batch: torch.Tensor | None = None
+        self.val_stream = None  # the validation TokenStream, when the coordinator has the data
         self.reference_hashes: dict[int, dict[str, str]] = {}  # epoch -> spec name -> replica hash
         self.val_history: list[dict[str, Any]] = []
 
@@ -89,10 +89,9 @@ class ModelKeeper:
         if self.data_dir is not None:
             from aftermath.data import TokenStream
 
-            stream = TokenStream(self.data_dir, self.run.data.seq_len, seed=self.run.seed, split="val",
-                                 vocab_size=self.config.vocab_size, max_positions=self.config.max_position_embeddings)
-            n = min(self.run.data.val_sequences, stream.sequences_per_pass)
-            self.val_batch = stream.sequences(0, n)
+            self.val_stream = TokenStream(self.data_dir, self.run.data.seq_len, seed=self.run.seed, split="val",
+                                          vocab_size=self.config.vocab_size,
+                                          max_positions=self.config.max_position_embeddings)
 
     # ------------------------------------------------------------------ rounds
     def decode(self, data: bytes, step: int, client_id: str, spec: TierSpec) -> Payload:
@@ -108,21 +107,15 @@ class ModelKeeper:
         return self.replica.weights_sha256(spec)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, specs: list[TierSpec]) -> dict[str, float]:
-        """Mean held-out loss of the replica at each spec (the fixed first `val_sequences` of the val split)."""
-        if self.val_batch is None or self.replica is None:
+        """Validation loss of the replica at each spec (aftermath.evaluate on the first `val_sequences`)."""
+        if self.val_stream is None or self.replica is None:
             return {}
-        model = self.replica.model
-        model.eval()
-        out = {}
-        for spec in specs:
-            losses = []
-            for lo in range(0, self.val_batch.shape[0], 16):
-                part = self.val_batch[lo: lo + 16]
-                losses.append(model.loss(part[:, :-1], part[:, 1:], spec).item() * part.shape[0])
-            out[spec.name] = sum(losses) / self.val_batch.shape[0]
-        return out
+        from aftermath.evaluate import evaluate
+
+        batches = max(1, math.ceil(self.run.data.val_sequences / EVAL_BATCH))
+        return {spec.name: evaluate(self.replica.model, self.val_stream, spec, max_batches=batches,
+                                    batch_size=EVAL_BATCH).loss for spec in specs}
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_info(self) -> dict[str, Any]:

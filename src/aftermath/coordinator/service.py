@@ -240,8 +240,10 @@ class CoordinatorService:
         self._jobs = asyncio.Queue()
         resume_step = self.resume["step"] if self.resume else None
         await loop.run_in_executor(self.executor, self.keeper.start, resume_step)
-        if self.resume is None:
-            await loop.run_in_executor(self.executor, self.keeper.write_checkpoint, -1, 0)
+        if self.resume is None:  # the initial model is checkpoint "-1": what the first warmup loads
+            info = await loop.run_in_executor(self.executor, self.keeper.write_checkpoint, -1, 0)
+            self.metrics.write(event="checkpoint", epoch=-1, step=0, val_loss=info["val_loss"],
+                               seconds=round(info["seconds"], 3), weights_sha256=info["weights_sha256"])
         self._tasks = [asyncio.create_task(self._ticker()), asyncio.create_task(self._worker())]
 
     async def _on_cleanup(self, app: web.Application) -> None:
