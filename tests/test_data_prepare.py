@@ -166,3 +166,21 @@ def test_prepare_data_command(tmp_path, capsys):
     assert np.asarray(TokenData(tmp_path / "d").read(0, 5)).tolist() == list(b"0 Now")
     assert cli_main(["prepare-data", "--text", str(text), "--tokenizer", "bytes", "--out", str(tmp_path / "d")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", [
+    "short line\n" + "a very long line of text with ünïcödé and 😀 emoji " * 10 + "\nend\n" * 30,
+    "no line break at all, ünïcödé 😀 " * 20,  # the validation tail is cut mid-line, on a character boundary
+])
+def test_files_are_read_in_blocks_without_losing_a_byte(tmp_path, monkeypatch, text):
+    from aftermath.data import sources
+
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 37)  # many blocks, lines longer than a block
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    prepared = prepare_data(tmp_path / "out", texts=[path], tokenizer="bytes", val_fraction=0.1)
+    train, val = TokenData(prepared.dir, "train"), TokenData(prepared.dir, "val")
+    head = bytes(train.read(0, train.num_tokens - 1).astype(np.uint8))
+    tail = bytes(val.read(0, val.num_tokens - 1).astype(np.uint8))
+    assert (head + tail).decode("utf-8") == text and tail and head
+    head.decode("utf-8"), tail.decode("utf-8")  # each split is valid UTF-8 on its own

@@ -13,6 +13,7 @@ from aftermath.data.cache import ensure_default_data
 from aftermath.data.dataset import read_meta
 from aftermath.data.prepare import SHARD_TOKENS, prepare_data
 from aftermath.data.tokenizer import DEFAULT_BPE_VOCAB, TOKENIZER_KINDS
+from aftermath.errors import DataError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     progress = console.print
     if args.out is None:
         if args.text or args.jsonl:
-            console.print("[red]error:[/] --out DIR is required with --text/--jsonl")
-            return 2
+            raise DataError("--out DIR is required with --text/--jsonl: name the data directory to write")
         out = ensure_default_data(args.tokenizer, args.vocab, progress=progress)
         meta = read_meta(out)
     else:
@@ -62,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
                                 tokenizer=args.tokenizer, vocab_size=args.vocab, val_fraction=args.val_fraction,
                                 shard_tokens=args.shard_tokens, overwrite=args.force, progress=progress)
         out, meta = prepared.dir, prepared.meta
-    table = Table("split", "tokens", "documents", "shards", title=f"{out}")
+    table = Table("split", "tokens", "documents", "shards")
     for split, info in meta["splits"].items():
         table.add_row(split, f"{info['tokens']:,}", f"{info['documents']:,}", str(len(info["shards"])))
     out_console = Console()
+    out_console.print(f"[bold]{out}[/]")
     out_console.print(table)
     tok = meta["tokenizer"]
     out_console.print(f"tokenizer {tok['kind']}, vocabulary {tok['vocab_size']}, tokens stored as {meta['dtype']}; "
