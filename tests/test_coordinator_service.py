@@ -217,3 +217,29 @@ def test_state_is_pushed_over_websocket(tmp_path):
             assert msg["members"][0]["id"] == "c"
 
     serve(tmp_path, body)
+
+
+def test_restart_resumes_from_the_persisted_state_and_refuses_a_finished_run(tmp_path):
+    from aftermath.coordinator.persist import save_state
+    from aftermath.errors import ConfigError
+
+    async def first(service, s, url):
+        async with s.get(f"{url}/checkpoint") as r:
+            assert (await r.json())["info"]["step"] == 0
+
+    serve(tmp_path, first)
+    run_dir = tmp_path / "run"
+    save_state(run_dir, {"run_id": "aftermath-run", "epoch": 0, "step": 0, "finished": False})
+
+    async def second(service, s, url):
+        assert service.machine.epoch == 1 and service.machine.step == 0 and service.machine.checkpoint_epoch == 0
+        async with s.get(f"{url}/health") as r:
+            assert (await r.json())["epoch"] == 1
+
+    serve(tmp_path, second)
+    save_state(run_dir, {"run_id": "aftermath-run", "epoch": 0, "step": 0, "finished": True})
+    with pytest.raises(ConfigError, match="finished run"):
+        CoordinatorService(run_config(), run_dir, token=TOKEN)
+    save_state(run_dir, {"run_id": "other", "epoch": 0, "step": 0, "finished": False})
+    with pytest.raises(ConfigError, match="holds run 'other'"):
+        CoordinatorService(run_config(), run_dir, token=TOKEN)
