@@ -303,3 +303,13 @@ def test_muon_orthogonalises_bands_and_rejects_off_band_specs():
     off_band = {n: p[region_slices(s)].clone() for (n, p), s in zip(params.items(), param_shapes(CFG, MIX).values())}
     with pytest.raises(ConfigError, match="band"):
         DenseOptimizer(DenseConfig(algorithm="muon"), CFG, MIX, off_band)
+
+
+@pytest.mark.parametrize("spec", [T1, T2, MIX])
+def test_region_aggregate_equals_the_universal_one_bit_for_bit(spec):
+    payloads = real_payloads()
+    full = aggregate(payloads, PLAN)
+    part = aggregate(payloads, PLAN, region=spec)
+    for name, shape in param_shapes(CFG, spec).items():
+        assert part[name].shape == shape
+        assert torch.equal(part[name], full[name][region_slices(shape)]), name

@@ -17,11 +17,11 @@ Dense payloads (AdamW / Muon runs): G[x] = sum_{p : x in region(p)} g_p[x] / |{p
 peer covers x.
 
 Determinism: payloads are summed in order of client id (duplicates are rejected), in float64, and the inverse
-DCT runs in float64 on the universal chunk grid of each parameter before it is rounded to float32. The result is
-therefore the same bits whatever order the payloads arrived in. A replica that holds only a region asks for
-`region=spec`: it still computes each parameter on the full universal grid (one parameter at a time, so the
-extra memory is one parameter) and keeps its region, i.e. it runs exactly the floating-point operations the
-universal replica runs, and their results agree bit for bit on the shared region.
+DCT runs in float64 over a fixed partition of each parameter's universal chunk grid into blocks of chunk rows,
+then is rounded to float32. The result is therefore the same bits whatever order the payloads arrived in. A
+replica that holds only a region asks for `region=spec`: it computes the blocks of the universal grid that
+reach into its region (the same blocks, shapes and inputs as the universal replica) and keeps its region, so
+the two agree bit for bit on the shared region.
 """
 
 from __future__ import annotations
@@ -101,10 +101,28 @@ def aggregate_distro(payloads: Iterable[Payload], plan: ChunkPlan, *, average_ov
                 counts[chunk_ids] += 1.0
         if average_over == "covering":
             counts = counts.repeat_interleave(pc.chunk_numel)
-        mean = sums / counts.clamp(min=1.0)
-        full = idct_chunks(mean.reshape(n_universal, pc.chunk_numel), pc.universal_shape, pc.chunk, plan.bases)
-        out[name] = full.to(torch.float32)[region_slices(target)].contiguous()
+        mean = (sums / counts.clamp(min=1.0)).reshape(n_universal, pc.chunk_numel)
+        out[name] = _inverse_in_blocks(mean, pc, target, plan)
     return out
+
+
+BLOCK_CHUNK_ROWS = 4  # the inverse DCT runs over fixed blocks of this many chunk rows of the universal grid
+
+
+def _inverse_in_blocks(mean: torch.Tensor, pc, target: tuple[int, ...], plan: ChunkPlan) -> torch.Tensor:
+    """Inverse DCT of the universal coefficients, block by block over a FIXED partition of the universal chunk
+    rows, skipping the blocks below the target region. Every replica computes a block with the same shapes and
+    inputs, hence the same bits; a small replica just computes fewer blocks."""
+    grid = pc.grid(pc.universal_shape)
+    per_row = grid[1] if len(grid) == 2 else 1  # chunks per chunk row
+    rows_needed = -(-target[0] // pc.chunk[0])
+    parts = []
+    for start in range(0, rows_needed, BLOCK_CHUNK_ROWS):
+        stop = min(start + BLOCK_CHUNK_ROWS, grid[0])
+        shape = ((stop - start) * pc.chunk[0],) + tuple(pc.universal_shape[1:])
+        parts.append(idct_chunks(mean[start * per_row:stop * per_row], shape, pc.chunk, plan.bases))
+    full = torch.cat(parts).to(torch.float32)
+    return full[region_slices(target)].contiguous()
 
 
 def aggregate_dense(payloads: Iterable[Payload], plan: ChunkPlan, *,
