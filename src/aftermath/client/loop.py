@@ -13,7 +13,6 @@ Each action is idempotent (it checks what it already did), so a repeated or miss
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import posixpath
@@ -121,6 +120,8 @@ class TrainingClient:
         self.version = -1
         self.phase = ""
         self.pending_timing: dict[str, float] = {}
+        self.prefetched: dict[str, Any] = {}  # blob sha -> decoded payload of the current round
+        self.t_prefetch = 0.0
         self.device = torch.device(options.device if options.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -140,23 +141,25 @@ class TrainingClient:
         return asyncio.run(self.run_async())
 
     # ------------------------------------------------------------------ joining
-    async def _universal_config(self) -> MatFormerConfig:
+    async def _run_info(self) -> dict[str, Any]:
+        """The run and model config (GET /run), retried while the coordinator is starting."""
         deadline = time.monotonic() + self.opts.join_timeout
         while True:
             try:
-                raw = await self.transport.get_bytes("/checkpoint/files/model/config.json", auth=False)
-                return MatFormerConfig.from_dict(json.loads(raw))
+                return await self.transport.call("GET", "/run", auth=False)
             except (Unreachable, CoordinatorError) as exc:
                 if time.monotonic() > deadline:
                     raise Unreachable(f"cannot reach the coordinator at {self.opts.coordinator}: {exc}") from exc
                 await asyncio.sleep(0.5)
 
     async def _join(self) -> None:
-        config = await self._universal_config()
+        info = await self._run_info()
+        config = MatFormerConfig.from_dict(info["model_config"])
+        run = parse_run_config(info["run"], source="the coordinator's run config")
         tier, spec_text = self.opts.tier, self.opts.spec
         if tier is None and spec_text is None:  # --tier auto
             budget = self.opts.memory_limit or available_memory(self.opts.device)
-            tier = choose_tier(config, budget, 8, 128, "distro")
+            tier = choose_tier(config, budget, run.train.micro_batch_size, run.data.seq_len, run.optimizer.name)
             log.info("--tier auto: %.0f MiB available -> tier %d", budget / 2**20, tier)
         spec = tier_spec(config, tier) if tier is not None else parse_spec(config, spec_text)
         body = {"token": self.opts.token, "name": self.opts.name, "device": str(self.device),
@@ -255,6 +258,8 @@ class TrainingClient:
             if mine and self.client_id not in rnd["committed"] and self.state.committed_step < step \
                     and self.state.model_step == step:
                 await self._train(step, mine[0], mine[1])
+            elif self.state.model_step == step:
+                await self._prefetch(step, rnd.get("commits", {}))
         elif phase == "RoundWitness" and rnd is not None and rnd["accepted"] is not None:
             step = rnd["step"]
             if self.state.applied_step < step and self.state.model_step == step:
@@ -296,6 +301,7 @@ class TrainingClient:
             return Replica(model, self.config, self.spec, self.run)
 
         self.replica = await loop.run_in_executor(None, load)
+        self.prefetched = {}
         self.state.model_step = ck["info"]["step"]
         if self.state.model_step != checkpoint_step:
             raise CoordinatorError(409, f"the checkpoint changed while loading (step {self.state.model_step})")
@@ -344,19 +350,38 @@ class TrainingClient:
                                "sequences": result.sequences, "tokens": result.tokens}
 
     # ------------------------------------------------------------------ a round: apply
+    def _decode(self, data: bytes, step: int, client_id: str, tier: int | None) -> Any:
+        # a Mix'n'Match sender: its spec travels in the payload (the coordinator checked it at commit)
+        spec = tier_spec(self.config, tier) if tier is not None else None
+        return self.replica.decode(data, step, client_id, spec)
+
+    async def _prefetch(self, step: int, commits: dict[str, dict[str, Any]]) -> None:
+        """While the round waits for slower peers, fetch and decode the results already committed."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        for cid, c in commits.items():
+            if c["blob"] in self.prefetched:
+                continue
+            data = await self.transport.get_blob(c["blob"])
+            self.prefetched[c["blob"]] = await loop.run_in_executor(None, self._decode, data, step, cid, c["tier"])
+        self.t_prefetch += time.perf_counter() - started
+
     async def _apply(self, step: int, accepted: list[dict[str, Any]]) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        blobs = await asyncio.gather(*(self.transport.get_blob(c["blob"]) for c in accepted))
+        missing = [c for c in accepted if c["blob"] not in self.prefetched]
+        blobs = await asyncio.gather(*(self.transport.get_blob(c["blob"]) for c in missing))
         t_download = time.perf_counter() - t0
         t1 = time.perf_counter()
+        ready = {c["blob"]: self.prefetched[c["blob"]] for c in accepted if c["blob"] in self.prefetched}
+        self.prefetched = {}
 
         def decode_and_aggregate() -> dict[str, torch.Tensor]:
-            payloads = []
-            for c, data in zip(accepted, blobs):
-                # a Mix'n'Match sender: its spec travels in the payload (the coordinator checked it at commit)
-                spec = tier_spec(self.config, c["tier"]) if c["tier"] is not None else None
-                payloads.append(self.replica.decode(data, step, c["client_id"], spec))
+            for c, data in zip(missing, blobs):
+                ready[c["blob"]] = self._decode(data, step, c["client_id"], c["tier"])
+            payloads = [ready[c["blob"]] for c in accepted]
+            if any(p.step != step or p.client_id != c["client_id"] for p, c in zip(payloads, accepted)):
+                raise CoordinatorError(409, f"a prefetched payload does not belong to step {step}")
             return self.replica.aggregate(payloads, step)
 
         update = await loop.run_in_executor(None, decode_and_aggregate)
@@ -364,6 +389,7 @@ class TrainingClient:
         t2 = time.perf_counter()
         await loop.run_in_executor(None, self.replica.apply_update, update, step)
         t_apply = time.perf_counter() - t2
+        self.t_prefetch = 0.0
         self.state.model_step = step + 1
         self.state.applied_step = step
         await self.transport.call("POST", "/applied", {"step": step})
@@ -377,7 +403,8 @@ class TrainingClient:
                      bytes_up=stats["bytes_up"], bytes_down=stats["bytes_down"], peak_memory=stats["peak_memory"],
                      payload_bytes=timing.get("payload_bytes"), accepted=len(accepted),
                      t_data=timing.get("t_data"), t_train=train, t_encode=timing.get("t_encode"),
-                     t_upload=timing.get("t_upload"), t_download=round(t_download, 4),
+                     t_upload=timing.get("t_upload"), t_prefetch=round(self.t_prefetch, 4),
+                     t_download=round(t_download, 4),
                      t_aggregate=round(t_aggregate, 4), t_apply=round(t_apply, 4))
 
     def _final(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 Routes (JSON in and out, except blob and checkpoint file bodies; errors are `{"error": "..."}` with a 4xx):
 
     GET  /health                      liveness, phase and step
+    GET  /run                         the run config (without the token), model config and schema hash
     POST /join                        {token, name, tier | spec, device, memory_bytes, throughput, schema_hash}
                                       -> {client_id, session, spec, run, model_config, ...}
     GET  /state[?after=V&wait=S]      the run's state; with `after`, waits up to S s for a version > V
@@ -212,6 +213,7 @@ class CoordinatorService:
         app = web.Application(middlewares=[error_middleware], client_max_size=self.run.network.max_blob_bytes + 4096)
         r = app.router
         r.add_get("/health", self.health)
+        r.add_get("/run", self.run_info)
         r.add_post("/join", self.join)
         r.add_get("/state", self.state)
         r.add_get("/ws", self.websocket)
@@ -436,6 +438,10 @@ class CoordinatorService:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "run_id": self.run.run_id, "phase": self.machine.phase.value,
                                   "step": self.machine.step, "epoch": self.machine.epoch})
+
+    async def run_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"run": self.run.public(), "model_config": self.keeper.config.to_dict(),
+                                  "schema_hash": self.keeper.schema_hash})
 
     async def join(self, request: web.Request) -> web.Response:
         req = await _body(request, JoinRequest)

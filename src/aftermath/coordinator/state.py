@@ -112,6 +112,8 @@ class Round:
         return {"step": self.step, "epoch": self.epoch, "seed": self.seed, "started_at": self.started_at,
                 "assignments": {k: v.to_json() for k, v in sorted(self.assignments.items())},
                 "committed": sorted(self.commits),
+                "commits": {cid: {"blob": c.blob, "tier": c.tier, "spec": c.spec}
+                            for cid, c in sorted(self.commits.items())},
                 "accepted": None if self.accepted is None else [c.to_json() for c in self.accepted],
                 "applied": sorted(self.applied)}
 
@@ -160,6 +162,7 @@ class RunStateMachine:
         self.checkpoint_step = step
         self.hash_reports: dict[int, dict[str, HashReport]] = {}  # epoch -> client -> report
         self.version = 0  # bumps on every change, for watchers
+        self.paused = False  # set by the operator (dashboard): no new round starts while paused
         self._events: list[Event] = []
 
     # ------------------------------------------------------------------------------ helpers
@@ -209,7 +212,7 @@ class RunStateMachine:
         self.members[client_id] = member
         if status == "member" and self.quorum_since is None and len(self.active()) >= self._quorum():
             self.quorum_since = now  # the extra waiting time counts from the moment the quorum was reached
-        self._emit("joined", client_id=client_id, status=status, tier=info.tier)
+        self._emit("joined", client_id=client_id, status=status, tier=info.tier, spec=info.spec)
         return member
 
     def leave(self, client_id: str, now: float, reason: str = "left") -> None:
@@ -288,6 +291,17 @@ class RunStateMachine:
         self.checkpoint_step = step
         self.version += 1
 
+    def pause(self, now: float) -> None:
+        """The operator pauses the run: the current round finishes, the next one waits for `resume`."""
+        if not self.paused and self.phase != Phase.FINISHED:
+            self.paused = True
+            self._emit("paused", step=self.step, phase=self.phase.value)
+
+    def resume(self, now: float) -> None:
+        if self.paused:
+            self.paused = False
+            self._emit("resumed", step=self.step, phase=self.phase.value)
+
     # ------------------------------------------------------------------------------ ticking
     def tick(self, now: float) -> list[Event]:
         """Advance by the clock: timeouts, drops, phase changes. Returns the events since the last tick."""
@@ -324,6 +338,8 @@ class RunStateMachine:
                 if len(self.active()) < self._quorum():
                     self._set_phase(Phase.WAITING_FOR_MEMBERS, now)
                     return True
+                if self.paused:
+                    return False
                 self._start_round(now)
                 return True
             return False
@@ -342,6 +358,15 @@ class RunStateMachine:
                 return True
             return False
         if phase == Phase.ROUND_WITNESS:
+            if self.round is None:  # paused between two rounds: the last one is applied, the next waits
+                if self.paused:
+                    return False
+                if len(self.active()) < s.min_clients:  # members were lost during the pause
+                    self._set_phase(Phase.COOLDOWN, now)
+                    self._emit("epoch_ended", epoch=self.epoch, step=self.step)
+                else:
+                    self._start_round(now)
+                return True
             rnd = self.round
             assert rnd is not None
             members = self.active()
@@ -359,7 +384,7 @@ class RunStateMachine:
                 if epoch_over:
                     self._set_phase(Phase.COOLDOWN, now)
                     self._emit("epoch_ended", epoch=self.epoch, step=self.step)
-                else:
+                elif not self.paused:
                     self._start_round(now)
                 return True
             return False
@@ -404,7 +429,7 @@ class RunStateMachine:
         rnd = self.round or self.last_round
         deadline = self.deadline()
         return {
-            "version": self.version, "run_id": self.run_id, "phase": self.phase.value,
+            "version": self.version, "run_id": self.run_id, "phase": self.phase.value, "paused": self.paused,
             "phase_started": self.phase_started, "deadline": deadline,
             "seconds_left": None if deadline is None else max(0.0, deadline - now),
             "epoch": self.epoch, "step": self.step, "total_steps": self.schedule.total_steps,
