@@ -29,7 +29,7 @@ from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.schema import schema_hash
 from aftermath.client.replica import Replica
 from aftermath.client.transport import CoordinatorError, Transport, Unreachable
-from aftermath.errors import ConfigError
+from aftermath.errors import AftermathError, ConfigError
 from aftermath.metrics import MetricsWriter, peak_memory_bytes
 from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_spec, tier_spec
 from aftermath.model.geometry import max_tier
@@ -121,7 +121,9 @@ class TrainingClient:
         self.phase = ""
         self.pending_timing: dict[str, float] = {}
         self.prefetched: dict[str, Any] = {}  # blob sha -> decoded payload of the current round
+        self.own_blob: tuple[str, bytes] = ("", b"")
         self.t_prefetch = 0.0
+        self.failures = 0  # refused calls and failed transfers (reported in the stats)
         self.device = torch.device(options.device if options.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -199,7 +201,8 @@ class TrainingClient:
         t = self.transport.stats
         return {"loss": s.last_loss, "bytes_up": t.bytes_up, "bytes_down": t.bytes_down, "tokens": s.tokens,
                 "tokens_per_s": round(s.tokens / s.train_seconds, 1) if s.train_seconds else None,
-                "peak_memory": peak_memory_bytes(), "step": s.model_step, "phase": self.phase}
+                "peak_memory": peak_memory_bytes(), "step": s.model_step, "phase": self.phase,
+                "failures": self.failures}
 
     def _record(self, **fields: Any) -> None:
         record = self.metrics.write(client_id=self.client_id, tier=self.spec.tier if self.spec else None,
@@ -226,7 +229,16 @@ class TrainingClient:
                     log.warning("session lost (%s); joining again", exc.message)
                     await self._join()
                     continue
-                log.info("coordinator refused: %s", exc.message)  # e.g. too late for the round: go on
+                self.failures += 1
+                log.warning("coordinator refused: %s", exc.message)  # e.g. too late for the round: go on
+                continue
+            except AftermathError as exc:
+                # e.g. a blob of the accepted set cannot be fetched: never apply another set; retry on the next
+                # state, and if the round moves on without us, we resynchronise from the next checkpoint
+                self.failures += 1
+                log.warning("%s in %s; retrying", exc, snap["phase"])
+                await asyncio.sleep(0.5)
+                self.version = -1  # ask for the state again at once
                 continue
             if done:
                 return self._final()
@@ -335,6 +347,7 @@ class TrainingClient:
         t_encode = time.perf_counter() - t1
         t2 = time.perf_counter()
         sha = await self.transport.put_blob(blob)
+        self.own_blob = (sha, blob)  # decoded from memory at apply time, not downloaded again
         self.state.last_loss = result.loss
         self.state.tokens += result.tokens
         self.state.train_seconds += result.seconds
@@ -362,7 +375,7 @@ class TrainingClient:
         for cid, c in commits.items():
             if c["blob"] in self.prefetched:
                 continue
-            data = await self.transport.get_blob(c["blob"])
+            data = self.own_blob[1] if c["blob"] == self.own_blob[0] else await self.transport.get_blob(c["blob"])
             self.prefetched[c["blob"]] = await loop.run_in_executor(None, self._decode, data, step, cid, c["tier"])
         self.t_prefetch += time.perf_counter() - started
 
@@ -370,7 +383,11 @@ class TrainingClient:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         missing = [c for c in accepted if c["blob"] not in self.prefetched]
-        blobs = await asyncio.gather(*(self.transport.get_blob(c["blob"]) for c in missing))
+
+        async def fetch(sha: str) -> bytes:
+            return self.own_blob[1] if sha == self.own_blob[0] else await self.transport.get_blob(sha)
+
+        blobs = await asyncio.gather(*(fetch(c["blob"]) for c in missing))
         t_download = time.perf_counter() - t0
         t1 = time.perf_counter()
         ready = {c["blob"]: self.prefetched[c["blob"]] for c in accepted if c["blob"] in self.prefetched}
@@ -389,7 +406,7 @@ class TrainingClient:
         t2 = time.perf_counter()
         await loop.run_in_executor(None, self.replica.apply_update, update, step)
         t_apply = time.perf_counter() - t2
-        self.t_prefetch = 0.0
+        t_prefetch, self.t_prefetch = self.t_prefetch, 0.0
         self.state.model_step = step + 1
         self.state.applied_step = step
         await self.transport.call("POST", "/applied", {"step": step})
@@ -403,7 +420,8 @@ class TrainingClient:
                      bytes_up=stats["bytes_up"], bytes_down=stats["bytes_down"], peak_memory=stats["peak_memory"],
                      payload_bytes=timing.get("payload_bytes"), accepted=len(accepted),
                      t_data=timing.get("t_data"), t_train=train, t_encode=timing.get("t_encode"),
-                     t_upload=timing.get("t_upload"), t_prefetch=round(self.t_prefetch, 4),
+                     t_upload=timing.get("t_upload"), t_prefetch=round(t_prefetch, 4),
+                     prefetched=len(ready) - len(missing),
                      t_download=round(t_download, 4),
                      t_aggregate=round(t_aggregate, 4), t_apply=round(t_apply, 4))
 
