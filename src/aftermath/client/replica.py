@@ -42,7 +42,7 @@ def weights_sha256(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None =
         raise ConfigError("weights_sha256 needs a little-endian machine")
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach()
+        t = tensors[name].detach().cpu()
         if dtype is not None:
             t = t.to(dtype)
         h.update(name.encode("utf-8"))
@@ -106,7 +106,9 @@ class Replica:
                            seconds=time.perf_counter() - start)
 
     def encode(self, grads: dict[str, torch.Tensor | None], step: int, client_id: str) -> bytes:
-        return self.optimizer.encode(grads, step, self.run.run_id, client_id)
+        # the optimizer state (momentum) lives on the CPU, whatever device trains
+        cpu = {n: None if g is None else g.detach().cpu() for n, g in grads.items()}
+        return self.optimizer.encode(cpu, step, self.run.run_id, client_id)
 
     # ------------------------------------------------------------------ receiving
     def decode(self, data: bytes, step: int, client_id: str, spec: TierSpec) -> Payload:
@@ -122,7 +124,8 @@ class Replica:
         return self.optimizer.aggregate(sorted(payloads, key=lambda p: p.client_id))
 
     def apply_update(self, update: dict[str, torch.Tensor], step: int) -> None:
-        self.optimizer.apply(update, step)
+        device = next(self.model.parameters()).device
+        self.optimizer.apply({n: u.to(device) for n, u in update.items()}, step)
 
     def apply(self, payloads: list[Payload], step: int) -> None:
         """Aggregate the round's accepted set and apply it (the same bits on every replica)."""
