@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow install clean
 
 # Keep a torch the user already has: when the base interpreter can import torch, the venv sees
 # its site-packages; otherwise install the pinned CPU wheel (an unpinned torch pulls a CUDA build).
@@ -22,8 +22,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/aftermath demo
 
+# Every test but the multi-process survival scenarios marked `slow` (under 10 minutes on 2 cores).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# The slow end-to-end scenarios (fault injection, kills, restarts); CI runs them after `make test`.
+# pytest exits 5 when no test is selected: not a failure here.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
