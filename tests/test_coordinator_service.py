@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 from aftermath.checkpoint.schema import schema_hash
 from aftermath.client.replica import Replica
 from aftermath.coordinator.service import CoordinatorService
+from aftermath.crypto import Signer
 from aftermath.model import preset_config, tier_spec
 from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.runconfig import load_run_config
@@ -115,12 +116,13 @@ def test_every_route_rejects_malformed_input_with_a_json_4xx(tmp_path):
         await expect_4xx(s, "PUT", f"{url}/blobs/" + hashlib.sha256(big).hexdigest(), 413, headers=auth, data=big)
         await expect_4xx(s, "GET", f"{url}/blobs/" + "b" * 64, 404, headers=auth)
         await expect_4xx(s, "GET", f"{url}/blobs/short", 400, headers=auth)
-        # a blob that is not a payload is refused at commit (it never reaches an accepted set)
+        # a blob that is not a payload is refused at commit (it never reaches an accepted set): here already
+        # for its missing signature (tests/test_trust_signatures.py refuses a signed junk payload)
         junk = b"not a payload"
         sha = hashlib.sha256(junk).hexdigest()
         async with s.put(f"{url}/blobs/{sha}", data=junk, headers=auth) as r:
             assert r.status == 201
-        await expect_4xx(s, "POST", f"{url}/commit", 400, headers=auth,
+        await expect_4xx(s, "POST", f"{url}/commit", None, headers=auth,
                          json={"step": 0, "blob": sha, "sequences": 4, "train_seconds": 1, "loss": 1.0})
         # state, checkpoint files, summary, unknown routes and methods
         await expect_4xx(s, "GET", f"{url}/state?after=x", 400)
@@ -141,7 +143,8 @@ def test_a_round_through_the_routes(tmp_path):
     """One client joins, downloads its tier, trains a real payload, and the run goes to the next step."""
 
     async def body(service, s, url):
-        status, data = await join(s, url, tier=1, name="small")
+        signer = Signer()
+        status, data = await join(s, url, tier=1, name="small", public_key=signer.public_hex)
         assert status == 200 and data["client_id"] == "small" and data["spec"]["name"] == "tier1"
         auth = {"Authorization": f"Bearer {data['session']}"}
         # the initial checkpoint and its manifest
@@ -179,6 +182,7 @@ def test_a_round_through_the_routes(tmp_path):
             assert r.status == 201
         async with s.post(f"{url}/commit", headers=auth, json={
                 "step": 0, "blob": sha, "sequences": 4, "train_seconds": result.seconds, "loss": result.loss,
+                "signature": signer.sign_commitment(service.run.run_id, 0, "small", sha, 0, 4),
                 "stats": {"loss": result.loss, "bytes_up": len(blob)}}) as r:
             assert r.status == 200, await r.text()
         st = await wait_phase("RoundWitness")

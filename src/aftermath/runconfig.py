@@ -97,6 +97,12 @@ class NetworkSection(_Section):
     token: str = Field("", description="run token a client must present to join; empty = a random one is "
                        "generated and printed at start")
     max_blob_bytes: int = Field(64 * 2**20, ge=1024, description="largest payload blob accepted")
+    max_blob_storage_bytes: int = Field(2**30, ge=2**16, description="the coordinator keeps at most this many "
+                                        "bytes of blobs; an upload beyond it is refused (507) until old rounds "
+                                        "are collected (blobs of rounds older than 2 steps are deleted)")
+    rate_limit: float = Field(50.0, ge=0, description="requests per second allowed per client (per address before "
+                              "it joins), as a token bucket; 0 = no limit. Beyond it: 429 with Retry-After")
+    rate_burst: int = Field(400, ge=1, description="token bucket size: requests a client may make at once")
     public_url: str = Field("", description="URL clients use to reach the coordinator, if not http://host:port")
 
 

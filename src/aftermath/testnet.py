@@ -8,6 +8,12 @@ talking HTTP on 127.0.0.1, exactly as on separate machines. Output directory:
     OUT/summary.json         steps, replicas_consistent, clients, validation loss per tier
     OUT/loss.png             training loss per tier over steps, and validation loss per tier at epoch ends
     OUT/logs/*.log           each process's output
+
+Faults (docs/reliability.md): `faults` passes latency, loss and a bandwidth limit to every client;
+`kill_random` clients are killed with SIGKILL, one every `kill_interval` seconds, and restarted
+`restart_delay` seconds later (as are clients that crash through the crash hook); `kill_coordinator_at_step`
+kills the coordinator once that step is reached and an epoch checkpoint exists, and restarts it on the same run
+directory and port. summary.json gains `"faults": {"latency", "dropped", "throttled", "kills", "rejoins"}`.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,10 +39,12 @@ from rich.table import Table
 from rich.text import Text
 
 from aftermath.errors import AftermathError, ConfigError
+from aftermath.faults import FaultConfig
 from aftermath.metrics import read_metrics
 
 OWNED = ("checkpoint", "metrics", "blobs", "logs", "summary.json", "loss.png", "state.json", ".checkpoint-tmp",
-         ".checkpoint-old", ".clients", "coordinator.json")
+         ".checkpoint-old", ".clients", "coordinator.json", "report.html", "report-loss.png",
+         "report-validation.png", "report-bandwidth.png", "report-tokens-per-s.png")
 
 
 @dataclass
@@ -49,6 +59,13 @@ class TestnetOptions:
     timeout: float = 600.0
     threads: int = 1
     extra_overrides: dict[str, Any] = field(default_factory=dict)
+    faults: FaultConfig | None = None  # network faults injected by every client's transport
+    kill_random: int = 0  # clients killed with SIGKILL during the run (then restarted)
+    kill_interval: float = 10.0  # seconds between two kills (the first after the first round starts)
+    restart_delay: float = 2.0  # a killed or crashed client is restarted this long after
+    kill_coordinator_at_step: int | None = None  # kill -9 the coordinator there (after a checkpoint), restart it
+    crash_at: dict[int, str] = field(default_factory=dict)  # client index -> "STEP:PHASE" (the crash hook)
+    perturb_at: dict[int, int] = field(default_factory=dict)  # client index -> step (the divergence hook)
 
 
 def testnet_config_text(options: TestnetOptions) -> str:
@@ -103,8 +120,17 @@ class Testnet:
         self.procs: dict[str, subprocess.Popen] = {}
         self.url = ""
         self.token = secrets.token_urlsafe(12)
+        self.admin_token = secrets.token_urlsafe(12)  # pauses/resumes the run from the dashboard
         self.last_state: dict[str, Any] | None = None
         self.started = 0.0
+        self.client_args: dict[str, list[str]] = {}  # name -> arguments of its first incarnation
+        self.incarnations: dict[str, int] = {}
+        self.kills = 0  # clients killed by the testnet or by their crash hook
+        self.restarted: list[str] = []  # metrics files of restarted incarnations
+        self.coordinator_args: list[str] = []
+        self.coordinator_kills = 0
+        seed = options.faults.seed if options.faults is not None else 0
+        self.rng = random.Random(seed)
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -141,18 +167,30 @@ class Testnet:
         ready_file = self.out / "coordinator.json"
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self._spawn("coordinator", ["coordinator", "--config", str(config_path), "--run-dir", str(self.out),
-                                    "--token", self.token, "--port", str(port), "--ready-file", str(ready_file)])
+        self.coordinator_args = ["coordinator", "--config", str(config_path), "--run-dir", str(self.out),
+                                 "--token", self.token, "--port", str(port), "--ready-file", str(ready_file),
+                                 "--admin-token", self.admin_token]
+        self._spawn("coordinator", self.coordinator_args)
         self.console.print(f"[bold]testnet[/bold]: coordinator at [green]{self.url}[/green] "
                            f"(state: {self.url}/state), {self.opts.clients} clients, tiers {self.opts.tiers}")
+        self.console.print(f"[bold]dashboard[/bold]: [green]{self.url}/#admin={self.admin_token}[/green]")
         try:
             # clients start beside the coordinator (importing torch takes a while) and retry until it answers
             for i in range(self.opts.clients):
                 tier = self.opts.tiers[i % len(self.opts.tiers)]
-                self._spawn(f"client-{i}", [
+                name = f"client-{i}"
+                self.client_args[name] = [
                     "client", "--coordinator", self.url, "--token", self.token, "--tier", str(tier),
-                    "--name", f"client-{i}", "--metrics", str(self.out / "metrics" / f"client-{i}.jsonl"),
-                    "--work-dir", str(self.out / ".clients"), "--threads", str(self.opts.threads), "--device", "cpu"])
+                    "--name", name, "--work-dir", str(self.out / ".clients"), "--threads", str(self.opts.threads),
+                    "--device", "cpu", *(self.opts.faults.to_args() if self.opts.faults else [])]
+                hooks = []
+                if i in self.opts.crash_at:
+                    hooks += ["--crash-at", self.opts.crash_at[i]]
+                if i in self.opts.perturb_at:
+                    hooks += ["--perturb-at", str(self.opts.perturb_at[i])]
+                self.incarnations[name] = 0
+                self._spawn(name, [*self.client_args[name], *hooks,
+                                   "--metrics", str(self.out / "metrics" / f"{name}.jsonl")])
             self._wait_ready(ready_file)
             asyncio.run(self._watch())
         finally:
@@ -164,11 +202,24 @@ class Testnet:
         summary = json.loads(summary_path.read_text())
         summary["wall_seconds"] = round(wall, 2)
         summary["throughput"] = self._throughput()
+        summary["faults"] = self._fault_counts()
+        if self.coordinator_kills:
+            summary["coordinator_restarts"] = self.coordinator_kills
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         plot_losses(self.out, self.out / "loss.png")
+        self._write_report()
         shutil.rmtree(self.out / ".clients", ignore_errors=True)
         ready_file.unlink(missing_ok=True)
         return summary
+
+    def _write_report(self) -> None:
+        from aftermath.report import write_report
+
+        try:
+            report = write_report(self.out)
+            self.console.print(f"[bold]report[/bold]: [green]{report.html_path}[/green]")
+        except Exception as exc:  # the run's results stand without a report; say why it is missing
+            self.console.print(f"[yellow]report not written[/yellow]: {exc} (try `aftermath report {self.out}`)")
 
     def _wait_ready(self, ready_file: Path) -> str:
         deadline = time.monotonic() + 120
@@ -194,15 +245,51 @@ class Testnet:
             if self.opts.live else None
         if live:
             live.start()
+        restarts: dict[str, float] = {}  # client name -> when to restart it
+        next_kill: float | None = None
+        coordinator_back_at: float | None = None
         try:
             async with aiohttp.ClientSession() as session:
                 while True:
+                    now = time.monotonic()
                     coordinator = self.procs["coordinator"]
-                    if coordinator.poll() is not None:
+                    if coordinator_back_at is not None:
+                        if now >= coordinator_back_at:  # restart it on the same run directory and port
+                            coordinator_back_at = None
+                            self._spawn("coordinator", self.coordinator_args)
+                    elif coordinator.poll() is not None:
                         break
-                    for name, proc in self.procs.items():
-                        if name != "coordinator" and proc.poll() not in (None, 0):
+                    for name, proc in list(self.procs.items()):
+                        if name == "coordinator" or name in restarts:
+                            continue
+                        code = proc.poll()
+                        if code == -signal.SIGKILL:  # killed by us or by its crash hook: restart it later
+                            self.kills += 1
+                            restarts[name] = now + self.opts.restart_delay
+                        elif code not in (None, 0):
                             raise AftermathError(f"{name} failed (exit {proc.returncode}):" + self._tail(name))
+                    for name, when in list(restarts.items()):
+                        if now >= when and (self.last_state or {}).get("phase") != "Finished":
+                            del restarts[name]
+                            self._restart_client(name)
+                    if self.opts.kill_random and self.kills < self.opts.kill_random and self._running_round():
+                        if next_kill is None:
+                            next_kill = now + self.opts.kill_interval / 2
+                        elif now >= next_kill:
+                            next_kill = now + self.opts.kill_interval
+                            alive = [n for n, p in self.procs.items() if n != "coordinator" and p.poll() is None]
+                            if alive:
+                                victim = self.rng.choice(sorted(alive))
+                                self.procs[victim].send_signal(signal.SIGKILL)
+                    step_k = self.opts.kill_coordinator_at_step
+                    st = self.last_state
+                    if step_k is not None and not self.coordinator_kills and st is not None \
+                            and st["step"] >= step_k and st["checkpoint"]["epoch"] >= 0:
+                        coordinator.send_signal(signal.SIGKILL)
+                        coordinator.wait()
+                        self.coordinator_kills += 1
+                        self.last_state = None
+                        coordinator_back_at = now + self.opts.restart_delay
                     if time.monotonic() > deadline:
                         raise AftermathError(f"the testnet did not finish in {self.opts.timeout:.0f} s; logs in "
                                              f"{self.out / 'logs'}")
@@ -224,6 +311,38 @@ class Testnet:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+    def _running_round(self) -> bool:
+        st = self.last_state
+        return st is not None and st["phase"] != "Finished" and (st["step"] > 0 or st["phase"] == "RoundTrain")
+
+    def _restart_client(self, name: str) -> None:
+        """A killed client comes back as a new process (a new keypair, a new join): it rejoins at the next epoch."""
+        self.incarnations[name] += 1
+        metrics = self.out / "metrics" / f"{name}.r{self.incarnations[name]}.jsonl"
+        self.restarted.append(str(metrics))
+        log_name = f"{name}.r{self.incarnations[name]}"
+        proc = self._spawn(log_name, [*self.client_args[name], "--metrics", str(metrics)])
+        del self.procs[log_name]
+        self.procs[name] = proc
+
+    def _fault_counts(self) -> dict[str, int]:
+        """Faults injected (from every client process's metrics), clients killed, and restarted clients that
+        joined the run again and trained or applied at least one round."""
+        totals = {"latency": 0, "dropped": 0, "throttled": 0}
+        for path in sorted((self.out / "metrics").glob("client-*.jsonl")):
+            last: dict[str, int] = {}
+            for rec in read_metrics(path):
+                if isinstance(rec.get("faults"), dict):
+                    last = rec["faults"]  # cumulative within one process
+            for key in totals:
+                totals[key] += int(last.get(key, 0))
+        rejoins = 0
+        for path in self.restarted:
+            records = read_metrics(path) if Path(path).is_file() else []
+            if any(r.get("event") == "round" for r in records):
+                rejoins += 1
+        return {**totals, "kills": self.kills, "rejoins": rejoins}
 
     def _view(self) -> Group:
         st = self.last_state

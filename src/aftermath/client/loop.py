@@ -8,6 +8,11 @@
 The loop is synchronous per round: the download of a round's results starts when the witness phase is
 published, after this client's own training (measured per round in the metrics as `t_download`).
 Each action is idempotent (it checks what it already did), so a repeated or missed state update is harmless.
+
+Trust and faults: the client makes an ed25519 keypair at join, signs every commitment, and verifies the
+signature of every result of an accepted set before applying it. A replica the coordinator finds to differ at an
+epoch end is dropped and reloaded from the checkpoint. Fault injection (aftermath.faults) lives in the transport;
+two test hooks simulate a crash (SIGKILL of itself at a chosen step and phase) and a diverging replica.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import posixpath
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +36,9 @@ from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.schema import schema_hash
 from aftermath.client.replica import Replica
 from aftermath.client.transport import CoordinatorError, Transport, Unreachable
+from aftermath.crypto import SignatureError, Signer, verify_commitment
 from aftermath.errors import AftermathError, ConfigError
+from aftermath.faults import FaultConfig, FaultInjector
 from aftermath.metrics import MetricsWriter, peak_memory_bytes
 from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_spec, tier_spec
 from aftermath.model.geometry import max_tier
@@ -52,6 +61,27 @@ class ClientOptions:
     threads: int | None = None  # default: the run's train.threads
     join_timeout: float = 120.0  # keep trying to reach the coordinator this long at start
     on_update: Callable[[dict[str, Any]], None] | None = None  # called with each metrics record
+    faults: FaultConfig | None = None  # injected latency, loss, bandwidth (aftermath.faults)
+    crash_at: tuple[int, str] | None = None  # test hook: SIGKILL itself at (step, phase), see CRASH_PHASES
+    perturb_at: int | None = None  # test hook: perturb its weights after applying this step
+
+
+# Where the crash hook can strike within a round of `step`:
+CRASH_PHASES = ("train",  # after training, before the upload
+                "upload",  # after the blob upload, before the commit
+                "commit",  # after the commit, before the accepted set is fetched
+                "download",  # after fetching the accepted set, before applying it
+                "apply")  # after applying, before saying so
+
+
+def parse_crash_at(text: str | None) -> tuple[int, str] | None:
+    """`--crash-at 3:upload` (or AFTERMATH_CRASH_AT) -> (3, "upload")."""
+    if not text:
+        return None
+    step, _, phase = text.partition(":")
+    if not step.isdigit() or phase not in CRASH_PHASES:
+        raise ConfigError(f"crash hook {text!r} must be STEP:PHASE with PHASE one of {', '.join(CRASH_PHASES)}")
+    return int(step), phase
 
 
 # ------------------------------------------------------------------------------------------ tier choice
@@ -102,6 +132,8 @@ class ClientState:
     rounds: int = 0
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    resynced_epoch: int = -1  # the last divergence (epoch) this client reacted to
+    resyncs: int = 0
 
 
 class TrainingClient:
@@ -124,13 +156,17 @@ class TrainingClient:
         self.own_blob: tuple[str, bytes] = ("", b"")
         self.t_prefetch = 0.0
         self.failures = 0  # refused calls and failed transfers (reported in the stats)
+        self.faults = FaultInjector(options.faults) if options.faults is not None and options.faults.active else None
+        self.signer = Signer()  # a fresh keypair for every join
+        self.peer_keys: dict[str, str] = {}  # client id -> public key, from the state
+        self.round_assignments: dict[str, list[int]] = {}  # the witnessed round's batch ranges
         self.device = torch.device(options.device if options.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # ------------------------------------------------------------------ entry
     async def run_async(self) -> dict[str, Any]:
         async with aiohttp.ClientSession() as session:
-            self.transport = Transport(self.opts.coordinator, session)
+            self.transport = Transport(self.opts.coordinator, session, faults=self.faults)
             await self._join()
             beat = asyncio.create_task(self._heartbeats())
             try:
@@ -167,6 +203,8 @@ class TrainingClient:
         body = {"token": self.opts.token, "name": self.opts.name, "device": str(self.device),
                 "memory_bytes": self.opts.memory_limit or available_memory(self.opts.device),
                 "throughput": 1.0 * 2 ** (spec.tier or 0), "schema_hash": schema_hash(config)}
+        self.signer = Signer()
+        body["public_key"] = self.signer.public_hex
         body.update({"tier": tier} if tier is not None else {"spec": spec_text})
         answer = await self.transport.call("POST", "/join", body, auth=False)
         self.transport.auth = answer["session"]
@@ -202,7 +240,20 @@ class TrainingClient:
         return {"loss": s.last_loss, "bytes_up": t.bytes_up, "bytes_down": t.bytes_down, "tokens": s.tokens,
                 "tokens_per_s": round(s.tokens / s.train_seconds, 1) if s.train_seconds else None,
                 "peak_memory": peak_memory_bytes(), "step": s.model_step, "phase": self.phase,
-                "failures": self.failures}
+                "failures": self.failures, **{f"faults_{k}": v for k, v in self._faults().items()}}
+
+    def _faults(self) -> dict[str, int]:
+        c = self.faults.counters if self.faults is not None else None
+        return {"latency": c.latency if c else 0, "dropped": c.dropped if c else 0,
+                "throttled": c.throttled if c else 0}
+
+    def _maybe_crash(self, step: int, phase: str) -> None:
+        """The crash test hook: die like `kill -9` at the chosen (step, phase)."""
+        if self.opts.crash_at == (step, phase):
+            log.warning("crash hook: killing myself at step %d, phase %s", step, phase)
+            self._record(event="crash_hook", step=step, phase=phase)
+            self.metrics.close()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _record(self, **fields: Any) -> None:
         record = self.metrics.write(client_id=self.client_id, tier=self.spec.tier if self.spec else None,
@@ -258,6 +309,17 @@ class TrainingClient:
             log.warning("dropped by the coordinator; joining again")
             await self._join()
             return False
+        if me.get("resync_epoch", -1) > self.state.resynced_epoch:
+            # our replica differs from the reference: drop it; the next warmup reloads the checkpoint
+            log.warning("the coordinator found our replica differs at epoch %d: resynchronising from the checkpoint",
+                        me["resync_epoch"])
+            self.state.resynced_epoch = me["resync_epoch"]
+            self.state.resyncs += 1
+            self.replica = None
+            self.state.model_step = -1
+            self.prefetched = {}
+            self._record(event="resync", epoch=me["resync_epoch"])
+        self.peer_keys = {m["id"]: m.get("public_key", "") for m in snap["members"]}
         if me["status"] != "member":
             return False  # waiting for the next epoch
         rnd = snap["round"]
@@ -274,15 +336,17 @@ class TrainingClient:
                 await self._prefetch(step, rnd.get("commits", {}))
         elif phase == "RoundWitness" and rnd is not None and rnd["accepted"] is not None:
             step = rnd["step"]
+            self.round_assignments = rnd["assignments"]
             if self.state.applied_step < step and self.state.model_step == step:
                 await self._apply(step, rnd["accepted"])
         elif phase == "Cooldown":
             if self.state.reported_epoch < snap["epoch"] and self.state.model_step == snap["step"]:
                 sha = await asyncio.get_running_loop().run_in_executor(None, self.replica.weights_sha256)
-                await self.transport.call("POST", "/hash", {"epoch": snap["epoch"], "step": snap["step"],
-                                                           "weights_sha256": sha, "stats": self._stats()})
+                answer = await self.transport.call("POST", "/hash", {"epoch": snap["epoch"], "step": snap["step"],
+                                                                    "weights_sha256": sha, "stats": self._stats()})
                 self.state.reported_epoch = snap["epoch"]
-                self._record(event="hash", epoch=snap["epoch"], step=snap["step"], weights_sha256=sha)
+                self._record(event="hash", epoch=snap["epoch"], step=snap["step"], weights_sha256=sha,
+                             match=answer.get("match"))
         return False
 
     # ------------------------------------------------------------------ warmup: the model
@@ -315,6 +379,9 @@ class TrainingClient:
         self.replica = await loop.run_in_executor(None, load)
         self.prefetched = {}
         self.state.model_step = ck["info"]["step"]
+        # a fresh model at step S: nothing of step S or later is committed or applied in this timeline (after a
+        # coordinator restart, the steps after its last checkpoint are trained again)
+        self.state.committed_step = self.state.applied_step = self.state.model_step - 1
         if self.state.model_step != checkpoint_step:
             raise CoordinatorError(409, f"the checkpoint changed while loading (step {self.state.model_step})")
         self._record(event="model_loaded", step=self.state.model_step,
@@ -328,6 +395,7 @@ class TrainingClient:
         from aftermath.data.server import fetch_sequences
 
         before = time.perf_counter()
+        await self.transport.gate("data")
         batch = await fetch_sequences(self.opts.coordinator, start, end, self.run.data.seq_len, seed=self.run.seed,
                                       split="train", session=self.transport.session)
         # counted as downloaded bytes (the server sends 2 or 4 bytes per token)
@@ -345,8 +413,10 @@ class TrainingClient:
         t1 = time.perf_counter()
         blob = await loop.run_in_executor(None, self.replica.encode, result.grads, step, self.client_id)
         t_encode = time.perf_counter() - t1
+        self._maybe_crash(step, "train")
         t2 = time.perf_counter()
         sha = await self.transport.put_blob(blob)
+        self._maybe_crash(step, "upload")
         self.own_blob = (sha, blob)  # decoded from memory at apply time, not downloaded again
         self.state.last_loss = result.loss
         self.state.tokens += result.tokens
@@ -354,8 +424,10 @@ class TrainingClient:
         stats = self._stats()
         await self.transport.call("POST", "/commit", {
             "step": step, "blob": sha, "sequences": result.sequences, "train_seconds": result.seconds,
-            "loss": result.loss if math.isfinite(result.loss) else 1e9, "stats": stats})
+            "loss": result.loss if math.isfinite(result.loss) else 1e9, "stats": stats,
+            "signature": self.signer.sign_commitment(self.run.run_id, step, self.client_id, sha, start, end)})
         t_upload = time.perf_counter() - t2
+        self._maybe_crash(step, "commit")
         self.state.committed_step = step
         self.state.rounds += 1
         self.pending_timing = {"t_data": t_data, "t_train": result.seconds, "t_encode": t_encode,
@@ -382,6 +454,7 @@ class TrainingClient:
     async def _apply(self, step: int, accepted: list[dict[str, Any]]) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
+        self._verify_accepted(step, accepted)
         missing = [c for c in accepted if c["blob"] not in self.prefetched]
 
         async def fetch(sha: str) -> bytes:
@@ -389,6 +462,7 @@ class TrainingClient:
 
         blobs = await asyncio.gather(*(fetch(c["blob"]) for c in missing))
         t_download = time.perf_counter() - t0
+        self._maybe_crash(step, "download")
         t1 = time.perf_counter()
         ready = {c["blob"]: self.prefetched[c["blob"]] for c in accepted if c["blob"] in self.prefetched}
         self.prefetched = {}
@@ -409,6 +483,11 @@ class TrainingClient:
         t_prefetch, self.t_prefetch = self.t_prefetch, 0.0
         self.state.model_step = step + 1
         self.state.applied_step = step
+        self._maybe_crash(step, "apply")
+        if self.opts.perturb_at == step:  # the divergence test hook: this replica now differs from every other
+            with torch.no_grad():
+                next(self.replica.model.parameters()).add_(1e-3)
+            self._record(event="perturbed", step=step)
         await self.transport.call("POST", "/applied", {"step": step})
         timing = self.pending_timing if self.state.committed_step == step else {}
         self.pending_timing = {}
@@ -423,12 +502,24 @@ class TrainingClient:
                      t_upload=timing.get("t_upload"), t_prefetch=round(t_prefetch, 4),
                      prefetched=len(ready) - len(missing),
                      t_download=round(t_download, 4),
-                     t_aggregate=round(t_aggregate, 4), t_apply=round(t_apply, 4))
+                     t_aggregate=round(t_aggregate, 4), t_apply=round(t_apply, 4), faults=self._faults())
+
+    def _verify_accepted(self, step: int, accepted: list[dict[str, Any]]) -> None:
+        """Every result of the accepted set must be signed by its client for the range it was assigned."""
+        for c in accepted:
+            key = self.peer_keys.get(c["client_id"], "")
+            rng = self.round_assignments.get(c["client_id"])
+            if not key or rng is None:
+                raise SignatureError(f"the accepted result of {c['client_id']!r} at step {step} has no known key or "
+                                     f"assignment; not applying this set")
+            verify_commitment(key, c.get("signature") or "", self.run.run_id, step, c["client_id"], c["blob"],
+                              rng[0], rng[1])
 
     def _final(self) -> dict[str, Any]:
         stats = self._stats()
         sha = self.replica.weights_sha256() if self.replica is not None else None
-        self._record(event="finished", step=self.state.model_step, weights_sha256=sha, **{
+        self._record(event="finished", step=self.state.model_step, weights_sha256=sha, faults=self._faults(),
+                     resyncs=self.state.resyncs, **{
             k: stats[k] for k in ("loss", "bytes_up", "bytes_down", "tokens", "tokens_per_s", "peak_memory")})
         return {"client_id": self.client_id, "tier": self.spec.tier, "step": self.state.model_step,
                 "weights_sha256": sha, **stats}

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from aftermath.errors import AftermathError
+from aftermath.faults import FaultInjector, InjectedDrop
 
 
 class CoordinatorError(AftermathError):
@@ -40,7 +41,7 @@ class TransferStats:
 
 class Transport:
     def __init__(self, base_url: str, session: aiohttp.ClientSession, *, retries: int = 5, backoff: float = 0.2,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, faults: FaultInjector | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
         self.retries = retries
@@ -48,12 +49,16 @@ class Transport:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.auth: str | None = None
         self.stats = TransferStats()
+        self.faults = faults  # injected latency, loss and bandwidth (aftermath.faults); None = a clean network
 
     # ------------------------------------------------------------------ the one exit
     async def _send(self, method: str, path: str, *, body: bytes | None = None,
                     content_type: str = "application/json", params: dict[str, Any] | None = None,
                     auth: bool = True, timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, bytes]:
-        """One request with retries on connection errors and 5xx; returns (status, body) of the final answer."""
+        """One request with retries on connection errors, 5xx and 429; returns (status, body) of the final answer.
+
+        With fault injection, every attempt is delayed, maybe dropped (handled as a lost connection: retried)
+        and held to the bandwidth limit, up and down."""
         headers = {"Content-Type": content_type} if body is not None else {}
         if auth and self.auth:
             headers["Authorization"] = f"Bearer {self.auth}"
@@ -62,22 +67,35 @@ class Transport:
         for attempt in range(self.retries + 1):
             try:
                 self.stats.requests += 1
+                if self.faults is not None:
+                    await self.faults.before_request(_kind(method, path), len(body or b""))
                 async with self.session.request(method, self.base_url + path, data=body, headers=headers,
                                                 params=params, timeout=timeout or self.timeout) as resp:
                     data = await resp.read()
                     self.stats.bytes_up += len(body or b"")
                     self.stats.bytes_down += len(data)
-                    if resp.status >= 500:
+                    if self.faults is not None:
+                        await self.faults.after_response(len(data))
+                    retry_after = 0.0
+                    if resp.status >= 500 or resp.status == 429:  # 429: the coordinator's rate limit
                         last = CoordinatorError(resp.status, data[:200].decode(errors="replace"))
+                        retry_after = _retry_after(resp.headers.get("Retry-After"))
                     else:
                         return resp.status, data
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, InjectedDrop) as exc:
                 last = exc
+                retry_after = 0.0
             if attempt < self.retries:
                 self.stats.retries += 1
-                await asyncio.sleep(delay)
+                await asyncio.sleep(max(delay, retry_after))
                 delay = min(delay * 2, 5.0)
         raise Unreachable(f"{method} {self.base_url}{path} failed after {self.retries + 1} attempts: {last}")
+
+    async def gate(self, kind: str) -> None:
+        """Fault injection for a request that does not go through `_send` (token batches from the data server):
+        latency, maybe a drop (raises InjectedDrop; the caller retries)."""
+        if self.faults is not None:
+            await self.faults.before_request(kind, 0)
 
     # ------------------------------------------------------------------ calls
     async def call(self, method: str, path: str, payload: dict[str, Any] | None = None, *,
@@ -114,3 +132,18 @@ class Transport:
 
     async def get_blob(self, sha256: str) -> bytes:
         return await self.get_bytes(f"/blobs/{sha256}", sha256)
+
+
+def _kind(method: str, path: str) -> str:
+    if path.startswith("/blobs/"):
+        return "blob_up" if method == "PUT" else "blob_down"
+    if path.startswith("/checkpoint/files/"):
+        return "checkpoint_file"
+    return "json"
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value), 0.0), 10.0) if value else 0.0
+    except ValueError:
+        return 0.0

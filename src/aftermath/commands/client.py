@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -42,11 +43,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", type=Path, default=Path(".aftermath-client"),
                    help="where downloaded model files go (default ./.aftermath-client)")
     p.add_argument("--threads", type=int, help="torch threads (default: the run's train.threads)")
+    add_fault_arguments(p)
+    p.add_argument("--crash-at", default=os.environ.get("AFTERMATH_CRASH_AT"), help=argparse.SUPPRESS)
+    p.add_argument("--perturb-at", type=int, default=_env_int("AFTERMATH_PERTURB_AT"), help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value and value.isdigit() else None
+
+
+def add_fault_arguments(p: argparse.ArgumentParser) -> None:
+    """Fault injection flags (aftermath.faults), shared by `client` and `testnet`."""
+    g = p.add_argument_group("fault injection (tests and stress runs; see docs/reliability.md)")
+    g.add_argument("--fault-latency-ms", metavar="BASE-JITTER",
+                   help="delay every request by BASE ms plus up to JITTER ms, e.g. 50-20")
+    g.add_argument("--fault-loss", type=float, default=0.0, metavar="FRACTION",
+                   help="drop this fraction of requests and blob transfers (they are retried), e.g. 0.1")
+    g.add_argument("--fault-bandwidth", type=float, default=0.0, metavar="BYTES_PER_S",
+                   help="limit uploads and downloads to this many bytes per second each")
+    g.add_argument("--fault-seed", type=int, default=0, help="seed of the injected faults (default 0)")
+
+
+def fault_config_from_args(args: argparse.Namespace):
+    from aftermath.faults import make_fault_config
+
+    return make_fault_config(args.fault_latency_ms, args.fault_loss, args.fault_bandwidth, args.fault_seed)
+
+
 def run(args: argparse.Namespace) -> int:
-    from aftermath.client.loop import ClientOptions, TrainingClient
+    from aftermath.client.loop import ClientOptions, TrainingClient, parse_crash_at
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     console = Console(stderr=True)
@@ -66,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
     options = ClientOptions(coordinator=args.coordinator, token=args.token, tier=tier, spec=args.spec,
                             name=args.name, device=device, memory_limit=parse_memory(args.memory_limit),
-                            work_dir=args.work_dir, metrics_path=args.metrics, threads=args.threads)
+                            work_dir=args.work_dir, metrics_path=args.metrics, threads=args.threads,
+                            faults=fault_config_from_args(args), crash_at=parse_crash_at(args.crash_at),
+                            perturb_at=args.perturb_at)
     result = TrainingClient(options).run_blocking()
     loss = result.get("loss")
     console.print(f"[bold]{result['client_id']}[/bold] ({'tier ' + str(result['tier'])}) finished at step "

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="directory for checkpoints, metrics, blobs and state (default ./run); an unfinished run "
                    "there is resumed from its last checkpoint")
     p.add_argument("--token", help="run token clients need to join (default: network.token, else a random one)")
+    p.add_argument("--admin-token", help="token that pauses and resumes the run from the dashboard (default: a "
+                   "random one, printed at start)")
     p.add_argument("--steps", type=int, help="override schedule.total_steps")
     p.add_argument("--min-clients", type=int, help="override schedule.min_clients and init_min_clients")
     p.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)  # the testnet learns the URL from it
@@ -48,13 +50,15 @@ def run(args: argparse.Namespace) -> int:
     config = config.with_overrides(overrides)
     token = args.token or config.network.token or secrets.token_urlsafe(16)
     data_dir = Path(config.data.dir) if config.data.dir else default_data_dir()
-    service = CoordinatorService(config, args.run_dir, token=token, data_dir=data_dir)
+    admin_token = args.admin_token or secrets.token_urlsafe(12)
+    service = CoordinatorService(config, args.run_dir, token=token, data_dir=data_dir, admin_token=admin_token)
 
     def ready(url: str) -> None:
         public = config.network.public_url or url
         console.print(f"[bold]coordinator[/bold] of run [cyan]{config.run_id}[/cyan] at [green]{public}[/green]")
         console.print(f"  clients join with: aftermath client --coordinator {public} --token {token} --tier N")
         console.print(f"  run directory: {args.run_dir}")
+        console.print(f"  dashboard: [green]{public}/[/green] (pause/resume: {public}/#admin={admin_token})")
         if args.ready_file:
             args.ready_file.write_text(json.dumps({"url": url, "token": token}))
 

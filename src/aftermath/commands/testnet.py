@@ -20,6 +20,14 @@ def add_testnet_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     p.add_argument("--no-live", action="store_true", help="no live view (for logs and CI)")
+    from aftermath.commands.client import add_fault_arguments
+
+    add_fault_arguments(p)
+    g = p.add_argument_group("process faults")
+    g.add_argument("--kill-random", type=int, default=0, metavar="N",
+                   help="kill N random clients with SIGKILL during the run; each is restarted a moment later and "
+                   "rejoins at the next epoch")
+    g.add_argument("--kill-interval", type=float, default=10.0, metavar="S", help="seconds between kills (default 10)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +48,15 @@ def options_from_args(args: argparse.Namespace):
         tiers = [int(t) for t in args.tiers.split(",") if t.strip()]
     except ValueError:
         raise ConfigError(f"--tiers {args.tiers!r} must be comma-separated numbers, e.g. 0,1,2")
+    from aftermath.commands.client import fault_config_from_args
+
+    if args.kill_random < 0 or args.kill_interval <= 0:
+        raise ConfigError(f"--kill-random {args.kill_random} must be >= 0 and --kill-interval {args.kill_interval} > 0")
+    faults = fault_config_from_args(args)
     return TestnetOptions(clients=args.clients, tiers=tiers, steps=args.steps, config=args.config, out=args.out,
-                          live=not args.no_live, timeout=args.timeout, threads=args.threads)
+                          live=not args.no_live, timeout=args.timeout, threads=args.threads,
+                          faults=faults if faults.active else None, kill_random=args.kill_random,
+                          kill_interval=args.kill_interval)
 
 
 def print_summary(console: Console, summary: dict) -> None:
@@ -59,6 +74,9 @@ def print_summary(console: Console, summary: dict) -> None:
         init = v.get("initial_val_loss")
         tiers.add_row(tier, f"{v['val_loss']:.4f}", "-" if init is None else f"{init:.4f}")
     console.print(tiers)
+    faults = summary.get("faults")
+    if faults and any(faults.values()):
+        console.print("faults: " + ", ".join(f"{k} {v}" for k, v in faults.items()))
     console.print(f"tokens trained: {tp.get('tokens')} ({tp.get('tokens_per_s_wall')} tokens/s over the wall time); "
                   f"mean payload {tp.get('payload_bytes_mean')} bytes")
 

@@ -1,7 +1,8 @@
 """Content-addressed blob store: a payload is stored under the sha256 of its bytes, checked on receipt.
 
 Files live at `ROOT/ab/abcdef...` (two-level fan-out); a write goes to a temp file renamed into place, so a
-reader sees a whole blob or none. Blobs are immutable: putting the same bytes twice is a no-op.
+reader sees a whole blob or none. Blobs are immutable: putting the same bytes twice is a no-op. The store counts
+its bytes, so the owner can bound them (`put(..., storage_cap)`; StorageFull beyond it).
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ class BlobTooLarge(PayloadError):
     pass
 
 
+class StorageFull(PayloadError):
+    """The blob store holds its cap of bytes; old rounds must be collected first."""
+
+
 class BlobStore:
     def __init__(self, root: str | Path, max_bytes: int) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.total_bytes = sum(p.stat().st_size for p in self.root.glob("??/*") if p.is_file())
 
     def path(self, sha256: str) -> Path:
         if not is_sha256(sha256):
@@ -38,8 +44,9 @@ class BlobStore:
     def has(self, sha256: str) -> bool:
         return is_sha256(sha256) and self.path(sha256).is_file()
 
-    def put(self, sha256: str, data: bytes) -> bool:
-        """Store `data` under `sha256`; False when it was already there. Raises when the hash does not match."""
+    def put(self, sha256: str, data: bytes, storage_cap: int | None = None) -> bool:
+        """Store `data` under `sha256`; False when it was already there. Raises when the hash does not match, and
+        StorageFull when the store would exceed `storage_cap` bytes."""
         path = self.path(sha256)
         if len(data) > self.max_bytes:
             raise BlobTooLarge(f"blob of {len(data)} bytes exceeds the cap of {self.max_bytes} bytes "
@@ -49,10 +56,14 @@ class BlobStore:
             raise PayloadError(f"blob bytes hash to {actual}, not to the id {sha256} they were sent under")
         if path.is_file():
             return False
+        if storage_cap is not None and self.total_bytes + len(data) > storage_cap:
+            raise StorageFull(f"blob storage holds {self.total_bytes} bytes; {len(data)} more would pass the cap of "
+                              f"{storage_cap} (network.max_blob_storage_bytes); retry after the next round")
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{sha256}.tmp-{os.getpid()}-{id(data)}")
         tmp.write_bytes(data)
         os.replace(tmp, path)
+        self.total_bytes += len(data)
         return True
 
     def get(self, sha256: str) -> bytes:
@@ -67,4 +78,12 @@ class BlobStore:
     def delete(self, sha256: str) -> None:
         path = self.path(sha256)
         if path.is_file():
+            self.total_bytes -= path.stat().st_size
             path.unlink()
+
+    def clear(self) -> None:
+        """Remove every blob (and leftover temporaries)."""
+        for path in self.root.glob("??/*"):
+            if path.is_file():
+                path.unlink()
+        self.total_bytes = 0

@@ -73,6 +73,21 @@ class ModelKeeper:
         return self.run_dir / CHECKPOINT_DIR
 
     # ------------------------------------------------------------------ start
+    def recover(self) -> str | None:
+        """Repair what a process killed while writing a checkpoint left behind: if the swap was interrupted
+        between its two renames, the previous checkpoint is in `.checkpoint-old`: put it back. A half-written
+        `.checkpoint-tmp` is removed. Returns what was done (None: nothing to do)."""
+        tmp, old = self.run_dir / ".checkpoint-tmp", self.run_dir / ".checkpoint-old"
+        done = None
+        if not self.checkpoint_dir.exists() and old.exists():
+            os.replace(old, self.checkpoint_dir)
+            done = "restored the previous checkpoint from .checkpoint-old"
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+                done = done or f"removed the unfinished {leftover.name}"
+        return done
+
     def start(self, resume_step: int | None) -> None:
         """Build the replica: from the last checkpoint when resuming, else from `model.init` or the seed."""
         if resume_step is not None:

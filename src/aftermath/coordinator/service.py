@@ -19,8 +19,12 @@ Routes (JSON in and out, except blob and checkpoint file bodies; errors are `{"e
     GET  /checkpoint/files/{path}     one file of it
     GET  /summary                     summary.json once the run has finished
     GET  /data/...                    token batches (aftermath.data.server), when data.source = "coordinator"
+    GET  /openapi.json                an OpenAPI 3 description of every route (aftermath.coordinator.openapi)
 
-Calls after join carry `Authorization: Bearer SESSION`. Everything that changes the run goes through the
+Calls after join carry `Authorization: Bearer SESSION`. Trust: the join sends the client's ed25519 public key,
+bound to its session; a commit must carry the client's signature of (run, step, client, blob, ASSIGNED range)
+(aftermath.crypto). Every client (or address, before it joins) has a token-bucket rate limit (429 + Retry-After);
+JSON bodies and blobs are size-capped; blob storage is bounded and old rounds' blobs are collected. Everything that changes the run goes through the
 state machine (`RunStateMachine`); slow work (applying rounds, checkpoints) runs in one worker thread, in order.
 """
 
@@ -40,10 +44,12 @@ from typing import Any, Callable
 from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from aftermath.coordinator.blobs import BlobStore, BlobTooLarge, is_sha256
+from aftermath.coordinator.blobs import BlobStore, BlobTooLarge, StorageFull, is_sha256
 from aftermath.coordinator.keeper import CHECKPOINT_DIR, INFO_FILE, ModelKeeper
 from aftermath.coordinator.persist import load_state, save_state, write_json_atomic
+from aftermath.coordinator.ratelimit import RateLimiter
 from aftermath.coordinator.state import ClientInfo, Commit, Event, Phase, Rejected, RunStateMachine
+from aftermath.crypto import SignatureError, verify_commitment
 from aftermath.errors import AftermathError, ConfigError
 from aftermath.metrics import MetricsWriter
 from aftermath.model import TierSpec, parse_spec, tier_spec
@@ -84,6 +90,8 @@ class JoinRequest(_Request):
     memory_bytes: int = Field(0, ge=0)
     throughput: float = Field(1.0, gt=0, le=1e9)
     schema_hash: str = Field(max_length=128)
+    public_key: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                   description="the client's ed25519 public key (hex); commits must be signed with it")
 
 
 class StatsRequest(_Request):
@@ -101,6 +109,8 @@ class CommitRequest(_Request):
     sequences: int = Field(gt=0)
     train_seconds: float = Field(ge=0, le=1e6)
     loss: float
+    signature: str | None = Field(None, pattern=r"^[0-9a-f]{128}$",
+                                  description="ed25519 signature of the commitment (aftermath.crypto)")
     stats: dict[str, Any] = Field(default_factory=dict)
     _v = field_validator("stats")(_check_stats)
 
@@ -141,6 +151,10 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
         return _json_error(409, str(exc))
     except BlobTooLarge as exc:
         return _json_error(413, str(exc))
+    except StorageFull as exc:
+        return _json_error(507, str(exc))
+    except SignatureError as exc:
+        return _json_error(403, str(exc))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
         return _json_error(400, f"invalid request: {problems}")
@@ -169,7 +183,7 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
 # ------------------------------------------------------------------------------------------ service
 class CoordinatorService:
     def __init__(self, run: RunConfig, run_dir: str | Path, *, token: str, data_dir: Path | None = None,
-                 clock: Callable[[], float] = time.monotonic, linger: float = 3.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, linger: float = 3.0, admin_token: str = "") -> None:
         if not token:
             raise ConfigError("the coordinator needs a run token (--token or network.token)")
         self.run = run
@@ -185,12 +199,29 @@ class CoordinatorService:
                               f"--run-dir or move it away")
         if previous is not None and previous.get("run_id") != run.run_id:
             raise ConfigError(f"{self.run_dir} holds run {previous.get('run_id')!r}, not {run.run_id!r}")
-        self.resume = previous
         self.keeper = ModelKeeper(run, self.run_dir, data_dir)
+        repaired = self.keeper.recover()
+        if repaired:
+            log.warning("%s: %s", self.run_dir, repaired)
+        info = self.keeper.checkpoint_info()
+        if previous is not None and info.get("step", -1) > previous["step"] and info.get("epoch", -1) > previous["epoch"]:
+            # killed after the checkpoint swap but before state.json: the complete newer checkpoint wins
+            log.warning("%s: the checkpoint holds epoch %s step %s, newer than state.json: resuming from it",
+                        self.run_dir, info["epoch"], info["step"])
+            previous = {**previous, "epoch": info["epoch"], "step": info["step"]}
+        elif previous is None and info.get("epoch", -1) >= 0 and info.get("run_id") == run.run_id:
+            # killed after the first epoch's checkpoint but before state.json existed
+            previous = {"run_id": run.run_id, "epoch": info["epoch"], "step": info["step"], "finished": False}
+        self.resume = previous
         step = previous["step"] if previous else 0
         epoch = previous["epoch"] + 1 if previous else 0
         self.machine = RunStateMachine(run.schedule, clock(), run_id=run.run_id, seed=run.seed, step=step, epoch=epoch)
         self.blobs = BlobStore(self.run_dir / "blobs", run.network.max_blob_bytes)
+        self.blobs.clear()  # blobs of an earlier process belong to rounds that are redone or done
+        self.blob_steps: dict[str, int] = {}  # sha -> the step that was training when it was uploaded
+        self.limiter = RateLimiter(run.network.rate_limit, run.network.rate_burst)
+        self.divergences: list[dict[str, Any]] = []  # replicas found to differ and told to resynchronise
+        self.rejected = 0  # commits refused (bad payload, bad signature, not assigned ...)
         self.metrics = MetricsWriter(self.run_dir / "metrics" / "coordinator.jsonl")
         self.sessions: dict[str, str] = {}  # session token -> client id
         self.specs: dict[str, TierSpec] = {}  # client id -> spec
@@ -206,13 +237,16 @@ class CoordinatorService:
         self._changed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._websockets: set[web.WebSocketResponse] = set()
+        self.admin_token = admin_token  # pauses and resumes the run from the dashboard; empty = disabled
         self.app = self._build_app()
 
     # ------------------------------------------------------------------ app
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware], client_max_size=self.run.network.max_blob_bytes + 4096)
+        app = web.Application(middlewares=[error_middleware, self._rate_limit_middleware],
+                              client_max_size=self.run.network.max_blob_bytes + 4096)
         r = app.router
         r.add_get("/health", self.health)
+        r.add_get("/openapi.json", self.openapi)
         r.add_get("/run", self.run_info)
         r.add_post("/join", self.join)
         r.add_get("/state", self.state)
@@ -333,8 +367,13 @@ class CoordinatorService:
         self.decoded = {sha: p for sha, p in self.decoded.items() if p.step > step}  # late, rejected commits
         self.round_blobs[step] = [c["blob"] for c in accepted]
         for old in [s for s in self.round_blobs if s < step - 2]:  # every member has moved past these
-            for sha in self.round_blobs.pop(old):
+            del self.round_blobs[old]
+        # every blob uploaded before step - 2 (accepted or not: rejected, late, junk) is collected
+        keep = {sha for shas in self.round_blobs.values() for sha in shas}
+        for sha, uploaded in list(self.blob_steps.items()):
+            if uploaded < step - 2 and sha not in keep:
                 self.blobs.delete(sha)
+                del self.blob_steps[sha]
         self.metrics.write(event="applied", step=step, accepted=len(accepted), missing=len(data["missing"]),
                            payload_bytes=total, apply_seconds=round(time.perf_counter() - started, 4),
                            losses={c["client_id"]: c["loss"] for c in accepted})
@@ -344,6 +383,8 @@ class CoordinatorService:
         specs = list({s.name: s for s in self.specs.values()}.values())
         info = await loop.run_in_executor(self.executor, self.keeper.write_checkpoint, epoch, step, specs)
         self.machine.checkpoint_done(epoch, step, self.clock())
+        for cid, report in list(self.machine.hash_reports.get(epoch, {}).items()):  # reports that came early
+            self._check_replica(cid, epoch, report.spec, report.weights_sha256)
         save_state(self.run_dir, self._persisted(finished=False))
         self.metrics.write(event="checkpoint", epoch=epoch, step=step, val_loss=info["val_loss"],
                            seconds=round(info["seconds"], 3), weights_sha256=info["weights_sha256"])
@@ -371,6 +412,8 @@ class CoordinatorService:
                 expected = reference.get(report.spec)
                 if expected is None:
                     continue
+                if any(d["client_id"] == cid and d["epoch"] == epoch for d in self.divergences):
+                    continue  # detected, and the client resynchronised from the checkpoint: in `divergences`
                 checked += 1
                 if expected != report.weights_sha256:
                     problems.append({"epoch": epoch, "client_id": cid, "spec": report.spec,
@@ -399,7 +442,9 @@ class CoordinatorService:
             spec_tier = name[4:] if name.startswith("tier") and name[4:].isdigit() else name
             tiers[spec_tier] = {"val_loss": loss, "initial_val_loss": first_val.get(name)}
         return {"run_id": self.run.run_id, "steps": self.machine.step, "epochs": self.machine.epoch + 1,
-                "replicas_consistent": consistent, "mismatches": problems, "clients": clients, "tiers": tiers,
+                "replicas_consistent": consistent, "mismatches": problems, "divergences": self.divergences,
+                "clients": clients, "tiers": tiers, "rejected": self.rejected,
+                "rate_limited": self.limiter.limited,
                 "val_history": self.keeper.val_history,
                 "checkpoint": str(self.run_dir / CHECKPOINT_DIR)}
 
@@ -434,7 +479,47 @@ class CoordinatorService:
             except (ConnectionError, RuntimeError):
                 self._websockets.discard(ws)
 
+    @web.middleware
+    async def _rate_limit_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        """One token bucket per client (by its session) or, before it joins, per remote address."""
+        if not self.limiter.enabled:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        cid = self.sessions.get(header[7:].strip()) if header.startswith("Bearer ") else None
+        key = f"client:{cid}" if cid is not None else f"addr:{request.remote}"
+        wait = self.limiter.take(key, time.monotonic())
+        if wait > 0:
+            return web.json_response(
+                {"error": f"rate limit: at most {self.run.network.rate_limit:g} requests/s per client (burst "
+                          f"{self.run.network.rate_burst}); retry in {wait:.2f}s", "retry_after": round(wait, 3)},
+                status=429, headers={"Retry-After": f"{max(wait, 0.01):.2f}"})
+        return await handler(request)
+
+    def _check_replica(self, cid: str, epoch: int, spec: str, weights_sha256: str) -> bool | None:
+        """Compare a reported replica hash with the coordinator's reference (None: not computed yet). A differing
+        replica is told to resynchronise from the checkpoint (it leaves the epoch, its results stop counting)."""
+        expected = self.keeper.reference_hashes.get(epoch, {}).get(spec)
+        if expected is None:
+            return None
+        if expected != weights_sha256:
+            if not any(d["client_id"] == cid and d["epoch"] == epoch for d in self.divergences):
+                self.mismatches.append({"epoch": epoch, "client_id": cid})
+                self.divergences.append({"epoch": epoch, "client_id": cid, "spec": spec,
+                                         "reported": weights_sha256, "expected": expected})
+                self.machine.diverged(cid, epoch, self.clock())
+                self.metrics.write(event="diverged", client_id=cid, epoch=epoch, spec=spec,
+                                   reported=weights_sha256, expected=expected)
+                log.warning("replica hash of %s at epoch %d differs from the coordinator's: told to resynchronise",
+                            cid, epoch)
+            return False
+        return True
+
     # ------------------------------------------------------------------ routes
+    async def openapi(self, request: web.Request) -> web.Response:
+        from aftermath.coordinator.openapi import openapi_document
+
+        return web.json_response(openapi_document(self.app, self.run.run_id))
+
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "run_id": self.run.run_id, "phase": self.machine.phase.value,
                                   "step": self.machine.step, "epoch": self.machine.epoch})
@@ -467,7 +552,7 @@ class CoordinatorService:
             self.names_used[base] = self.names_used.get(base, 1) + 1
             cid = f"{base}-{self.names_used[base]}"
         info = ClientInfo(tier=spec.tier, spec=spec.name, device=req.device, memory_bytes=req.memory_bytes,
-                          throughput=req.throughput)
+                          throughput=req.throughput, public_key=req.public_key or "")
         self.machine.join(cid, info, self.clock())
         session = secrets.token_urlsafe(24)
         for old in [s for s, c in self.sessions.items() if c == cid]:
@@ -533,7 +618,8 @@ class CoordinatorService:
         if not is_sha256(sha):
             raise web.HTTPBadRequest(text=f"blob id {sha[:80]!r} is not a sha256 (64 lowercase hex digits)")
         data = await request.read()
-        created = self.blobs.put(sha, data)
+        created = self.blobs.put(sha, data, self.run.network.max_blob_storage_bytes)
+        self.blob_steps.setdefault(sha, self.machine.step)
         return web.json_response({"sha256": sha, "size": len(data), "created": created},
                                  status=201 if created else 200)
 
@@ -555,15 +641,38 @@ class CoordinatorService:
         # Validate the payload before it can enter an accepted set: a bad payload must never reach a model.
         data = self.blobs.get(req.blob)
         loop = asyncio.get_running_loop()
-        payload = await loop.run_in_executor(None, self.keeper.decode, data, req.step, cid, spec)
         commit = Commit(client_id=cid, step=req.step, blob=req.blob, tier=spec.tier, spec=spec.name,
                         sequences=req.sequences, train_seconds=req.train_seconds, loss=req.loss)
-        self.machine.commit(commit, self.clock())
+        try:
+            self._verify_signature(cid, req)
+            payload = await loop.run_in_executor(None, self.keeper.decode, data, req.step, cid, spec)
+            commit.signature = req.signature or ""
+            self.machine.commit(commit, self.clock())
+        except AftermathError as exc:  # recorded for the dashboard's events, then answered 4xx as before
+            self.rejected += 1
+            self.metrics.write(event="rejected", client_id=cid, step=req.step, blob=req.blob, reason=str(exc)[:300])
+            raise
         self.decoded[req.blob] = payload
         if req.stats:
             self.machine.heartbeat(cid, self.clock(), req.stats)
         self._notify()
         return web.json_response({"ok": True})
+
+    def _verify_signature(self, cid: str, req: CommitRequest) -> None:
+        """The commit must be signed by the key bound at join, for the range the coordinator assigned to `cid`."""
+        member = self.machine.members.get(cid)
+        if member is None or not member.info.public_key:
+            raise SignatureError(f"client {cid!r} joined without a public key, and every commit must be signed: "
+                                 f"join again with public_key (aftermath.crypto.Signer)")
+        if req.signature is None:
+            raise SignatureError("the commit carries no signature; sign (run, step, client, blob, range) with the key "
+                                 "sent at join")
+        rnd = self.machine.round
+        if rnd is None or rnd.step != req.step or cid not in rnd.assignments:
+            raise Rejected(f"client {cid!r} has no batch assigned in step {req.step}")
+        assigned = rnd.assignments[cid]
+        verify_commitment(member.info.public_key, req.signature, self.run.run_id, req.step, cid, req.blob,
+                          assigned.start, assigned.end)
 
     async def applied(self, request: web.Request) -> web.Response:
         cid = self._client(request)
@@ -578,13 +687,9 @@ class CoordinatorService:
         self.machine.report_hash(cid, req.epoch, req.step, req.weights_sha256, self.clock())
         if req.stats:
             self.machine.heartbeat(cid, self.clock(), req.stats)
-        expected = self.keeper.reference_hashes.get(req.epoch, {}).get(self.specs[cid].name)
-        match = None if expected is None else expected == req.weights_sha256
-        if match is False:
-            self.mismatches.append({"epoch": req.epoch, "client_id": cid})
-            log.warning("replica hash of %s at epoch %d differs from the coordinator's", cid, req.epoch)
+        match = self._check_replica(cid, req.epoch, self.specs[cid].name, req.weights_sha256)
         self._notify()
-        return web.json_response({"ok": True, "match": match})
+        return web.json_response({"ok": True, "match": match, "resync": match is False})
 
     async def checkpoint(self, request: web.Request) -> web.Response:
         info_path = self.run_dir / CHECKPOINT_DIR / INFO_FILE

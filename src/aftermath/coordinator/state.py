@@ -57,6 +57,7 @@ class ClientInfo:
     device: str = "cpu"
     memory_bytes: int = 0
     throughput: float = 1.0  # sequences per second it expects to train
+    public_key: str = ""  # ed25519, hex: every commitment of this client must verify with it (aftermath.crypto)
 
 
 @dataclass
@@ -70,12 +71,14 @@ class Member:
     ready_epoch: int = -1  # the epoch this member said it is ready for
     rounds_contributed: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # last reported loss, bytes, tokens/s ...
+    resync_epoch: int = -1  # the epoch at whose end its replica hash was found to differ (it must reload)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "tier": self.info.tier, "spec": self.info.spec, "device": self.info.device,
                 "memory_bytes": self.info.memory_bytes, "status": self.status,
                 "throughput": round(self.throughput, 4), "ready_epoch": self.ready_epoch,
-                "rounds_contributed": self.rounds_contributed, "last_seen": self.last_seen, "stats": self.stats}
+                "rounds_contributed": self.rounds_contributed, "last_seen": self.last_seen, "stats": self.stats,
+                "public_key": self.info.public_key, "resync_epoch": self.resync_epoch}
 
 
 @dataclass
@@ -90,11 +93,12 @@ class Commit:
     sequences: int
     train_seconds: float
     loss: float
+    signature: str = ""  # the client's ed25519 signature of the commitment (aftermath.crypto)
 
     def to_json(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "step": self.step, "blob": self.blob, "tier": self.tier,
                 "spec": self.spec, "sequences": self.sequences, "train_seconds": self.train_seconds,
-                "loss": self.loss}
+                "loss": self.loss, "signature": self.signature}
 
 
 @dataclass
@@ -112,7 +116,7 @@ class Round:
         return {"step": self.step, "epoch": self.epoch, "seed": self.seed, "started_at": self.started_at,
                 "assignments": {k: v.to_json() for k, v in sorted(self.assignments.items())},
                 "committed": sorted(self.commits),
-                "commits": {cid: {"blob": c.blob, "tier": c.tier, "spec": c.spec}
+                "commits": {cid: {"blob": c.blob, "tier": c.tier, "spec": c.spec, "signature": c.signature}
                             for cid, c in sorted(self.commits.items())},
                 "accepted": None if self.accepted is None else [c.to_json() for c in self.accepted],
                 "applied": sorted(self.applied)}
@@ -284,6 +288,17 @@ class RunStateMachine:
         self.hash_reports.setdefault(epoch, {})[client_id] = HashReport(
             client_id, member.info.tier, member.info.spec, epoch, step, weights_sha256)
         self.version += 1
+
+    def diverged(self, client_id: str, epoch: int, now: float) -> None:
+        """The replica hash `client_id` reported at the end of `epoch` differs from the reference: it leaves the
+        epoch (its results stop counting) and reloads the checkpoint before it trains again."""
+        member = self.members.get(client_id)
+        if member is None or member.resync_epoch >= epoch:
+            return
+        member.resync_epoch = epoch
+        if member.status == "member":
+            member.status = "pending"
+        self._emit("diverged", client_id=client_id, epoch=epoch, step=self.step)
 
     def checkpoint_done(self, epoch: int, step: int, now: float) -> None:
         """The service wrote the checkpoint of `epoch` (the model after `step` steps)."""
