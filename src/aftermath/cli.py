@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "aftermath.commands.client",
     "aftermath.commands.testnet",
     "aftermath.commands.demo",
+    "aftermath.commands.report",
 ]
 
 

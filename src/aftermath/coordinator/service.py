@@ -265,6 +265,9 @@ class CoordinatorService:
             from aftermath.data.server import add_data_routes
 
             add_data_routes(app, self.data_dir)
+        from aftermath.dashboard import add_dashboard_routes  # GET / (the page), /api/dashboard, pause/resume
+
+        self.dashboard = add_dashboard_routes(app, self, self.admin_token)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
