@@ -23,7 +23,9 @@ demo: $(STAMP)
 	$(VENV)/bin/aftermath demo
 
 # Every test but the multi-process survival scenarios marked `slow` (under 10 minutes on 2 cores).
+# The dashboard's browser test needs Debian's chromium: installed here when missing (never fatal).
 test: $(STAMP)
+	@sh tests/support/ensure_chromium.sh
 	$(PY) -m pytest -q -m "not slow"
 
 # The slow end-to-end scenarios (fault injection, kills, restarts); CI runs them after `make test`.
