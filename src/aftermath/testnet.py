@@ -168,8 +168,8 @@ class Testnet:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.coordinator_args = ["coordinator", "--config", str(config_path), "--run-dir", str(self.out),
-                                 "--token", self.token, "--port", str(port), "--ready-file", str(ready_file),
-                                 "--admin-token", self.admin_token]
+                                 f"--token={self.token}", "--port", str(port), "--ready-file", str(ready_file),
+                                 f"--admin-token={self.admin_token}"]
         self._spawn("coordinator", self.coordinator_args)
         self.console.print(f"[bold]testnet[/bold]: coordinator at [green]{self.url}[/green] "
                            f"(state: {self.url}/state), {self.opts.clients} clients, tiers {self.opts.tiers}")
@@ -180,7 +180,7 @@ class Testnet:
                 tier = self.opts.tiers[i % len(self.opts.tiers)]
                 name = f"client-{i}"
                 self.client_args[name] = [
-                    "client", "--coordinator", self.url, "--token", self.token, "--tier", str(tier),
+                    "client", "--coordinator", self.url, f"--token={self.token}", "--tier", str(tier),
                     "--name", name, "--work-dir", str(self.out / ".clients"), "--threads", str(self.opts.threads),
                     "--device", "cpu", *(self.opts.faults.to_args() if self.opts.faults else [])]
                 hooks = []
