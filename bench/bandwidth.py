@@ -1,0 +1,145 @@
+"""Bytes per round: per client and in total, for mixes of tiers, against dense fp32 and bf16 gradients.
+
+Every payload size here is the exact length of a real payload (`DistroOptimizer.encode` on random gradients of
+the tier's region; the size does not depend on the values), measured once per (preset, tier, wire). The dense
+sizes are those of the same region's gradient (`size_report`: 4 or 2 bytes per parameter).
+
+A round, as the protocol runs it: each client uploads its own payload once and downloads every OTHER accepted
+payload of the round (it keeps its own). So, for a mix of N clients with payload sizes p_i:
+  up_i   = p_i                       down_i = sum_j p_j - p_i
+  total  = sum_i up_i + sum_i down_i = N * sum_j p_j    (bytes through the blob store per round)
+The same formula with dense region gradients gives the dense columns.
+
+Mixes: all tier 0 (4 clients); 1+3 (one tier 0, three tier 1); 0+1+2+3 (one client of each tier).
+Wires: DisTrO top-k with float32 values (the default), bfloat16 values, 1-bit signs.
+
+Run:   .venv/bin/python bench/bandwidth.py --out bench/results/bandwidth.json   (small + gpt2-124m, ~2 minutes)
+Quick: .venv/bin/python bench/bandwidth.py --quick --out /tmp/bandwidth.json    (tiny + small)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+MIXES: dict[str, tuple[int, ...]] = {
+    "4 x tier 0": (0, 0, 0, 0),
+    "1+3 (tier 0 + 3 x tier 1)": (0, 1, 1, 1),
+    "0+1+2+3": (0, 1, 2, 3),
+}
+WIRES: dict[str, dict[str, Any]] = {
+    "fp32 values": {},
+    "bf16 values": {"value_dtype": "bfloat16"},
+    "1-bit": {"one_bit": True},
+}
+MB = 1e6
+
+
+def payload_sizes(preset: str, tiers: list[int], topk: int, console: Any) -> list[dict[str, Any]]:
+    """One real payload per (tier, wire): its exact bytes and the dense sizes of its region."""
+    import torch
+
+    from aftermath.model import param_shapes, preset_config, tier_spec
+    from aftermath.optim import DistroConfig, DistroOptimizer, size_report
+
+    cfg = preset_config(preset)
+    rows = []
+    for tier in tiers:
+        spec = tier_spec(cfg, tier)
+        shapes = param_shapes(cfg, spec)
+        gen = torch.Generator().manual_seed(tier)
+        grads = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+        row: dict[str, Any] = {"preset": preset, "tier": tier}
+        for wire, extra in WIRES.items():
+            params = {n: torch.zeros(s) for n, s in shapes.items()}  # a sliced replica of the tier
+            opt = DistroOptimizer(DistroConfig(topk=topk, **extra), cfg, spec, params)
+            start = time.perf_counter()
+            data = opt.encode(grads, 0, "bench-bandwidth", "c0")
+            report = size_report(data, opt.plan, spec)
+            row[wire] = report.payload_bytes
+            row.update(region_params=report.region_params, dense_fp32=report.dense_fp32_bytes,
+                       dense_bf16=report.dense_bf16_bytes)
+            console.log(f"{preset} tier {tier} {wire}: {report.payload_bytes:,} B "
+                        f"(encode {time.perf_counter() - start:.1f} s)")
+        rows.append(row)
+    return rows
+
+
+def round_traffic(sizes: list[int]) -> dict[str, float]:
+    """Per-client up/down and the total bytes through the blob store for one round."""
+    total = sum(sizes)
+    return {"up_max": max(sizes), "down_max": max(total - s for s in sizes), "total": len(sizes) * total}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny and small presets (seconds)")
+    ap.add_argument("--presets", default=None, help="comma-separated (default small,gpt2-124m)")
+    ap.add_argument("--topk", type=int, default=32, help="coefficients kept per 64x64 chunk (default 32)")
+    ap.add_argument("--out", default="bench/results/bandwidth.json")
+    args = ap.parse_args(argv)
+
+    import torch
+    from rich.console import Console
+
+    torch.set_num_threads(1)
+    console = Console(width=200)
+    presets = (args.presets or ("tiny,small" if args.quick else "small,gpt2-124m")).split(",")
+    t0 = time.perf_counter()
+    sizes: list[dict[str, Any]] = []
+    tiers = sorted({t for mix in MIXES.values() for t in mix})
+    for preset in presets:
+        sizes += payload_sizes(preset, tiers, args.topk, console)
+
+    by = {(r["preset"], r["tier"]): r for r in sizes}
+    rows: list[dict[str, Any]] = []
+    for preset in presets:
+        for mix, tiers_of_mix in MIXES.items():
+            dense32 = round_traffic([by[(preset, t)]["dense_fp32"] for t in tiers_of_mix])
+            dense16 = round_traffic([by[(preset, t)]["dense_bf16"] for t in tiers_of_mix])
+            for wire in WIRES:
+                traffic = round_traffic([by[(preset, t)][wire] for t in tiers_of_mix])
+                rows.append({
+                    "preset": preset, "mix": mix, "tiers": list(tiers_of_mix), "wire": wire,
+                    "per_client_up": {f"tier{t}": by[(preset, t)][wire] for t in sorted(set(tiers_of_mix))},
+                    "up_max": traffic["up_max"], "down_max": traffic["down_max"], "total": traffic["total"],
+                    "dense_fp32_total": dense32["total"], "dense_bf16_total": dense16["total"],
+                    "ratio_vs_fp32": dense32["total"] / traffic["total"],
+                    "ratio_vs_bf16": dense16["total"] / traffic["total"],
+                })
+
+    size_cols = ["preset", "tier", "region params (M)", "fp32 values (MB)", "bf16 values (MB)", "1-bit (MB)",
+                 "dense fp32 (MB)", "dense bf16 (MB)"]
+    size_rows = [[r["preset"], r["tier"], f"{r['region_params'] / 1e6:.2f}", f"{r['fp32 values'] / MB:.3f}",
+                  f"{r['bf16 values'] / MB:.3f}", f"{r['1-bit'] / MB:.3f}", f"{r['dense_fp32'] / MB:.1f}",
+                  f"{r['dense_bf16'] / MB:.1f}"] for r in sizes]
+    mix_cols = ["preset", "mix", "wire", "upload per client (MB)", "max download per client (MB)",
+                "total per round (MB)", "dense fp32 total (MB)", "dense bf16 total (MB)", "x fewer than fp32",
+                "x fewer than bf16"]
+    mix_rows = [[r["preset"], r["mix"], r["wire"],
+                 " / ".join(f"t{t[4:]}: {v / MB:.3f}" for t, v in r["per_client_up"].items()),
+                 f"{r['down_max'] / MB:.3f}", f"{r['total'] / MB:.3f}", f"{r['dense_fp32_total'] / MB:.1f}",
+                 f"{r['dense_bf16_total'] / MB:.1f}", f"{r['ratio_vs_fp32']:.0f}", f"{r['ratio_vs_bf16']:.0f}"]
+                for r in rows]
+    _common.print_table("One payload per tier (exact bytes)", size_cols, size_rows, console)
+    _common.print_table("One round, 4 clients (each uploads its payload, downloads the 3 others)", mix_cols,
+                        mix_rows, console)
+    path = _common.write_json(args.out, {
+        "benchmark": "bandwidth", "quick": args.quick, "complete": True, "topk": args.topk, "presets": presets,
+        "payloads": sizes, "rounds": rows, "wall_seconds": round(time.perf_counter() - t0, 1),
+        "markdown": {"payloads": _common.markdown_table(size_cols, size_rows),
+                     "rounds": _common.markdown_table(mix_cols, mix_rows)},
+    })
+    console.print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Co-training versus training alone: does a tier-0 client gain from training together with tier-1 clients, and
+does the tier-1 submodel beat a tier-1-width model trained alone? Held-out loss at equal steps.
+
+The protocol is simulated IN ONE PROCESS with the real library, so an arm is fast and deterministic:
+every simulated client holds its own model (tier 0: the universal model; tier t: `sliced_model` of the same
+initial weights) and its own optimizer (DistroOptimizer, or DenseOptimizer for `--optimizer adamw`). Each step
+every client trains on its own disjoint slice of the global batch, encodes a payload (real bytes); all payloads
+are decoded (`decode_payload`, strict), aggregated (region-normalised) and applied by every replica, as the
+network client does. After the run the replicas must agree bit for bit on the region they share (checked: a
+cheap proof that the simulation is the protocol).
+
+Data: step s, slot k reads sequences [s*G + k*b, s*G + (k+1)*b) of the train split (b = --batch, G = 4b), so a
+client's share is the same sequences in every arm it appears in:
+  L+S      tier 0 on slot 0, tier 1 on slot 1                (the fork's L+S)
+  1+3      tier 0 on slot 0, three tier 1 on slots 1, 2, 3    (the fork's L+SSS)
+  L-own    tier 0 alone on slot 0 (L's share of the tokens)
+  L-all    tier 0 alone on slots 0 and 1 (all the tokens of L+S)
+  S-own    a tier-1-width model alone on slot 1 (S's share)
+  L+S2     tier-aware shares: tier 0 on slot 0, tier 1 on slots 1 and 2 (the small client is ~2x faster)
+  S-own2   a tier-1-width model alone on slots 1 and 2
+Held-out loss: `aftermath.evaluate` on the first --eval-batches x --eval-batch sequences of the val split, at
+tier 0 and tier 1 of whichever model the arm holds.
+
+Run:   .venv/bin/python bench/cotrain.py --out bench/results/cotrain.json      (small preset: long on a CPU)
+Quick: .venv/bin/python bench/cotrain.py --quick --out /tmp/cotrain.json       (tiny preset, under a minute)
+LR sweep: --lrs 3e-4,1e-3,3e-3 runs every arm at every learning rate.
+Remedies: --apply-mode raw, --average-over covering, --joint (tier-0 clients train loss(tier 0) + loss(tier 1)
+on the same batch, MatFormer's joint objective), --arms L+S2,S-own2 (tier-aware shares).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+SLOTS_PER_STEP = 4  # the global batch holds 4 slots of --batch sequences
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    tier: int
+    slots: tuple[int, ...]
+
+
+ARMS: dict[str, tuple[ClientPlan, ...]] = {
+    "L+S": (ClientPlan(0, (0,)), ClientPlan(1, (1,))),
+    "1+3": (ClientPlan(0, (0,)), ClientPlan(1, (1,)), ClientPlan(1, (2,)), ClientPlan(1, (3,))),
+    "L-own": (ClientPlan(0, (0,)),),
+    "L-all": (ClientPlan(0, (0, 1)),),
+    "S-own": (ClientPlan(1, (1,)),),
+    "L+S2": (ClientPlan(0, (0,)), ClientPlan(1, (1, 2))),
+    "S-own2": (ClientPlan(1, (1, 2)),),
+}
+DEFAULT_ARMS = ("L+S", "1+3", "L-own", "L-all", "S-own")
+
+
+@dataclass(frozen=True)
+class Settings:
+    preset: str = "small"
+    steps: int = 300
+    seq_len: int = 128
+    batch: int = 8  # sequences per slot
+    optimizer: str = "distro"  # distro | adamw
+    lr: float = 1e-3
+    apply_mode: str = "sign"
+    average_over: str = "selected"
+    topk: int = 32
+    joint: bool = False  # tier-0 clients also train the tier-1 width (sum of the two losses)
+    eval_batches: int = 16
+    eval_batch: int = 16
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    arm: str
+    seed: int
+    settings: Settings
+
+
+def optimizer_for(s: Settings, cfg: Any, spec: Any, params: dict) -> Any:
+    from aftermath.optim import DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer
+
+    if s.optimizer == "distro":
+        return DistroOptimizer(DistroConfig(lr=s.lr, topk=s.topk, apply_mode=s.apply_mode,
+                                            average_over=s.average_over), cfg, spec, params)
+    return DenseOptimizer(DenseConfig(algorithm=s.optimizer, lr=s.lr), cfg, spec, params)
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Train one arm for one seed; return the held-out losses and the replica-agreement check."""
+    import torch
+
+    from aftermath.data import TokenStream, default_data_dir
+    from aftermath.evaluate import evaluate
+    from aftermath.model import build_model, param_shapes, preset_config, tier_spec
+    from aftermath.model.slicing import sliced_model
+    from aftermath.optim import decode_payload
+
+    s = job.settings
+    torch.set_num_threads(s.threads)
+    start = time.perf_counter()
+    cfg = preset_config(s.preset)
+    data_dir = default_data_dir()
+    train = TokenStream(data_dir, s.seq_len, seed=job.seed, split="train", vocab_size=cfg.vocab_size)
+    val = TokenStream(data_dir, s.seq_len, seed=0, split="val", vocab_size=cfg.vocab_size)
+    init = build_model(cfg, seed=1000 + job.seed)
+    specs = {t: tier_spec(cfg, t) for t in (0, 1)}
+
+    clients = []
+    for i, plan in enumerate(ARMS[job.arm]):
+        model = init if plan.tier == 0 else sliced_model(init, specs[plan.tier])
+        if plan.tier == 0 and any(c["plan"].tier == 0 for c in clients):
+            raise ValueError("one tier-0 client per arm")
+        params = {n: p.data for n, p in model.named_parameters()}
+        clients.append({"id": f"c{i}", "plan": plan, "model": model, "spec": specs[plan.tier],
+                        "opt": optimizer_for(s, cfg, specs[plan.tier], params)})
+
+    run_id = f"cotrain-{job.arm}-{job.seed}"
+    stride = SLOTS_PER_STEP * s.batch
+    train_losses: list[tuple[int, float]] = []
+    for step in range(s.steps):
+        blobs = []
+        step_loss = 0.0
+        for c in clients:
+            model, plan = c["model"], c["plan"]
+            seqs = torch.cat([train.sequences(step * stride + k * s.batch, step * stride + (k + 1) * s.batch)
+                              for k in plan.slots])
+            for p in model.parameters():
+                p.grad = None
+            loss = model.loss(seqs[:, :-1], seqs[:, 1:])
+            total = loss
+            if s.joint and plan.tier == 0:
+                total = loss + model.loss(seqs[:, :-1], seqs[:, 1:], specs[1])
+            total.backward()
+            step_loss += float(loss.detach())
+            grads = {n: p.grad for n, p in model.named_parameters()}
+            blobs.append((c["id"], c["spec"], c["opt"].encode(grads, step, run_id, c["id"])))
+        # every replica decodes, aggregates and applies the same accepted set (aggregation is deterministic,
+        # so replicas of the same spec share one aggregate)
+        ref = clients[0]["opt"]
+        payloads = sorted((decode_payload(data, ref.expectation(run_id, step, client_id=cid, spec=spec))
+                           for cid, spec, data in blobs), key=lambda p: p.client_id)
+        updates: dict[str, dict] = {}
+        for c in clients:
+            key = c["spec"].name
+            if key not in updates:
+                updates[key] = c["opt"].aggregate(payloads)
+            c["opt"].apply(updates[key], step)
+        if step % 10 == 0 or step == s.steps - 1:
+            train_losses.append((step, step_loss / len(clients)))
+
+    # the replicas agree on the region they share (tier-0 client's universal weights vs each tier-1 replica)
+    max_diff = 0.0
+    universal = next((c["model"] for c in clients if c["plan"].tier == 0), None)
+    if universal is not None:
+        full = dict(universal.named_parameters())
+        for c in clients:
+            if c["plan"].tier == 0:
+                continue
+            for name, shape in param_shapes(cfg, c["spec"]).items():
+                region = full[name].detach()[tuple(slice(0, d) for d in shape)]
+                own = dict(c["model"].named_parameters())[name].detach()
+                max_diff = max(max_diff, float((region - own).abs().max()))
+
+    result: dict[str, Any] = {"arm": job.arm, "seed": job.seed, "lr": s.lr, "tier0_loss": None, "tier1_loss": None}
+    holder = universal if universal is not None else clients[0]["model"]
+    if universal is not None:
+        result["tier0_loss"] = evaluate(universal, val, specs[0], s.eval_batches, s.eval_batch).loss
+    result["tier1_loss"] = evaluate(holder, val, specs[1], s.eval_batches, s.eval_batch).loss
+    result.update(replicas_max_abs_diff=max_diff, train_losses=train_losses,
+                  tokens_per_step={f"tier{c['plan'].tier}": len(c["plan"].slots) * s.batch * s.seq_len
+                                   for c in clients},
+                  seconds=round(time.perf_counter() - start, 1))
+    return result
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread per (arm, lr) over the seeds."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["arm"], r["lr"]), []).append(r)
+    rows = []
+    for (arm, lr), rs in groups.items():
+        row: dict[str, Any] = {"arm": arm, "lr": lr, "seeds": len(rs)}
+        for key in ("tier0_loss", "tier1_loss"):
+            vals = [r[key] for r in rs if r[key] is not None]
+            row[key] = statistics.fmean(vals) if vals else None
+            row[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
+        row["seconds"] = statistics.fmean(r["seconds"] for r in rs)
+        row["replicas_agree"] = all(r["replicas_max_abs_diff"] == 0.0 for r in rs)
+        rows.append(row)
+    order = list(ARMS)
+    rows.sort(key=lambda r: (r["lr"], order.index(r["arm"])))
+    return rows
+
+
+def claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per lr and seed: does the co-trained arm beat training alone? (positive gain = co-training is better)."""
+    by = {(r["arm"], r["lr"], r["seed"]): r for r in results}
+    out = []
+    pairs = [("L+S", "tier0_loss", "L-own", "L-all"), ("1+3", "tier0_loss", "L-own", "L-all"),
+             ("L+S2", "tier0_loss", "L-own", "L-all"),
+             ("L+S", "tier1_loss", "S-own", None), ("1+3", "tier1_loss", "S-own", None),
+             ("L+S2", "tier1_loss", "S-own2", None)]
+    lrs = sorted({r["lr"] for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    for lr in lrs:
+        for arm, key, alone, best in pairs:
+            gains, fractions = [], []
+            for seed in seeds:
+                a, b = by.get((arm, lr, seed)), by.get((alone, lr, seed))
+                if a is None or b is None:
+                    continue
+                gains.append(b[key] - a[key])
+                c = by.get((best, lr, seed)) if best else None
+                if c is not None and b[key] != c[key]:
+                    fractions.append((b[key] - a[key]) / (b[key] - c[key]))
+            if gains:
+                out.append({"lr": lr, "arm": arm, "tier": key[4], "versus": alone, "seeds": len(gains),
+                            "gain_mean": statistics.fmean(gains), "wins": sum(g > 0 for g in gains),
+                            "fraction_of_all_tokens_gain": statistics.fmean(fractions) if fractions else None})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny preset, 20 steps, one seed: checks that it runs")
+    ap.add_argument("--preset", default=None, help="model preset (default small; tiny with --quick)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per arm (default 300)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per client share per step (default 8)")
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    ap.add_argument("--optimizer", default="distro", choices=["distro", "adamw"])
+    ap.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3 distro, 3e-3 adamw)")
+    ap.add_argument("--lrs", default=None, help="comma-separated lrs: run every arm at each (an lr sweep)")
+    ap.add_argument("--apply-mode", default="sign", choices=["sign", "raw"])
+    ap.add_argument("--average-over", default="selected", choices=["selected", "covering"])
+    ap.add_argument("--topk", type=int, default=32)
+    ap.add_argument("--joint", action="store_true", help="tier-0 clients train loss(tier 0) + loss(tier 1)")
+    ap.add_argument("--eval-batches", type=int, default=None, help="val batches of --eval-batch (default 16)")
+    ap.add_argument("--jobs", type=int, default=2, help="arms run in this many processes at once")
+    ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'raw apply')")
+    ap.add_argument("--out", default="bench/results/cotrain.json")
+    args = ap.parse_args(argv)
+
+    quick = args.quick
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    default_lr = 1e-3 if args.optimizer == "distro" else 3e-3
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [args.lr or default_lr]
+    settings = Settings(
+        preset=args.preset or ("tiny" if quick else "small"), steps=args.steps or (20 if quick else 300),
+        seq_len=args.seq_len or (32 if quick else 128), batch=args.batch or (4 if quick else 8),
+        optimizer=args.optimizer, lr=lrs[0], apply_mode=args.apply_mode, average_over=args.average_over,
+        topk=args.topk, joint=args.joint, eval_batches=args.eval_batches or (2 if quick else 16),
+        eval_batch=8 if quick else 16)
+    seeds = [int(x) for x in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
+    jobs = [Job(arm, seed, replace(settings, lr=lr)) for lr in lrs for seed in seeds for arm in arms]
+    # longest first, so two workers finish together
+    weight = {a: sum(len(c.slots) * (1.0 if c.tier == 0 else 0.6) for c in ARMS[a]) for a in ARMS}
+    jobs.sort(key=lambda j: -weight[j.arm])
+
+    from rich.console import Console
+    console = Console(width=200)
+    console.print(f"co-training benchmark: {len(jobs)} runs ({len(arms)} arms x {len(seeds)} seeds x {len(lrs)} "
+                  f"lrs), {settings.preset}, {settings.steps} steps, {args.jobs} processes")
+    t0 = time.perf_counter()
+    results = []
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(max(1, min(args.jobs, len(jobs)))) as pool:
+        for r in pool.imap_unordered(run_job, jobs):
+            results.append(r)
+            console.print(f"  [{len(results)}/{len(jobs)}] {r['arm']:7s} seed {r['seed']} lr {r['lr']:g}: "
+                          f"tier0 {r['tier0_loss'] if r['tier0_loss'] is None else round(r['tier0_loss'], 4)}  "
+                          f"tier1 {r['tier1_loss']:.4f}  ({r['seconds']:.0f} s)")
+    rows = summarise(results)
+    gains = claims(results)
+
+    def pm(mean: float | None, std: float | None) -> str | None:
+        return None if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+    table_cols = ["arm", "lr", "seeds", "tier-0 val loss", "tier-1 val loss", "replicas agree", "s/run"]
+    table_rows = [[r["arm"], f"{r['lr']:g}", r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
+                   pm(r["tier1_loss"], r["tier1_loss_std"]), "yes" if r["replicas_agree"] else "NO",
+                   round(r["seconds"])] for r in rows]
+    _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {settings.apply_mode}, "
+                        f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
+                        console)
+    claim_cols = ["lr", "co-trained", "tier", "versus", "gain (nats)", "wins", "share of L-all gain"]
+    claim_rows = [[f"{g['lr']:g}", g["arm"], g["tier"], g["versus"], f"{g['gain_mean']:+.4f}",
+                   f"{g['wins']}/{g['seeds']}",
+                   None if g["fraction_of_all_tokens_gain"] is None else f"{g['fraction_of_all_tokens_gain']:.2f}"]
+                  for g in gains]
+    if claim_rows:
+        _common.print_table("Co-training gain over training alone (positive = co-training better)", claim_cols,
+                            claim_rows, console)
+    path = _common.write_json(args.out, {
+        "benchmark": "cotrain", "label": args.label, "quick": quick, "complete": True,
+        "settings": asdict(settings), "lrs": lrs, "seeds": seeds, "arms": arms,
+        "wall_seconds": round(time.perf_counter() - t0, 1), "rows": rows, "claims": gains, "runs": results,
+        "markdown": {"table": _common.markdown_table(table_cols, table_rows),
+                     "claims": _common.markdown_table(claim_cols, claim_rows)},
+    })
+    console.print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""bench/bandwidth.py, bench/scale.py and bench/overhead.py: each runs end to end and its JSON holds sane numbers.
+
+bandwidth and scale run as scripts (`--quick`, reduced further) in subprocesses. overhead's end-to-end run is a
+whole testnet (minutes on a loaded 2-core machine), so here its two measuring functions run on real inputs: a
+metrics JSONL written the way the client writes it, and the plain PyTorch loop for two steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run_script(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bandwidth_quick(tmp_path: Path) -> None:
+    out = tmp_path / "bandwidth.json"
+    run_script("bandwidth.py", "--quick", "--presets", "tiny", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "bandwidth" and data["complete"] is True
+    sizes = {r["tier"]: r for r in data["payloads"]}
+    assert sorted(sizes) == [0, 1, 2, 3]
+    for t in range(3):  # a smaller tier sends less, in every wire
+        for wire in ("fp32 values", "bf16 values", "1-bit"):
+            assert sizes[t + 1][wire] < sizes[t][wire]
+    for r in sizes.values():
+        assert r["1-bit"] < r["bf16 values"] < r["fp32 values"] < r["dense_bf16"] < r["dense_fp32"]
+        assert r["dense_fp32"] == 4 * r["region_params"]
+    rounds = {(r["mix"], r["wire"]): r for r in data["rounds"]}
+    mix = rounds[("1+3 (tier 0 + 3 x tier 1)", "fp32 values")]
+    payloads = [sizes[t]["fp32 values"] for t in (0, 1, 1, 1)]
+    # each client uploads its own payload and downloads the three others
+    assert mix["total"] == 4 * sum(payloads)
+    assert mix["up_max"] == sizes[0]["fp32 values"]
+    assert mix["down_max"] == sum(payloads) - sizes[1]["fp32 values"]
+    assert mix["dense_fp32_total"] == 4 * sum(sizes[t]["dense_fp32"] for t in (0, 1, 1, 1))
+    assert mix["ratio_vs_fp32"] > 10
+
+
+def test_scale_quick(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    run_script("scale.py", "--quick", "--machine-clients", "4,64", "--service-clients", "4", "--rounds", "3",
+               "--timeout", "120", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "scale" and data["complete"] is True
+    machine = {r["clients"]: r for r in data["state_machine"]}
+    assert set(machine) == {4, 64}
+    assert machine[64]["snapshot_bytes"] > machine[4]["snapshot_bytes"]  # every member is in the state
+    (service,) = data["service"]
+    assert service["clients"] == 4 and service["finished"] is True and not service["errors"]
+    assert service["rounds_seen"] == 3 and service["rounds_measured"] >= 1
+    assert service["round_s"] > 0 and service["coordinator_cpu_s_per_round"] > 0
+    # join + a few long polls, ready, and per round: PUT blob, commit, applied
+    assert service["requests"] >= 4 * (2 + 3 * 3)
+
+
+def test_overhead_measures(tmp_path: Path) -> None:
+    import overhead
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    lines = []
+    for step in range(4):  # round k ends at time 10 + 2k: 2 s per round, 1.5 s of it forward/backward
+        lines.append({"time": 10.0 + 2 * step, "client_id": "client-0", "tier": 1, "event": "round", "step": step,
+                      "tokens": 1280, "t_data": 0.01, "t_train": 1.5, "t_encode": 0.1, "t_upload": 0.05,
+                      "t_prefetch": 0.0, "t_download": 0.02, "t_aggregate": 0.2, "t_apply": 0.01})
+    lines.insert(1, {"time": 10.5, "client_id": "client-0", "event": "heartbeat"})  # other records are skipped
+    (metrics / "client-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (row,) = overhead.network_rates(tmp_path)
+    assert row["tier"] == 1 and row["rounds"] == 2  # the first round is warm-up; 2 pairs remain
+    assert row["tokens_per_s_round"] == pytest.approx(640.0)
+    assert row["tokens_per_s_train"] == pytest.approx(1280 / 1.5)
+    assert row["outside_fwd_bwd_share"] == pytest.approx(0.25)
+    assert row["t_other"] == pytest.approx(2.0 - (0.01 + 1.5 + 0.1 + 0.05 + 0.02 + 0.2 + 0.01))
+
+    plain = overhead.plain_loop("tiny", 1, sequences=4, seq_len=32, micro=2, steps=2, lr=1e-3)
+    assert plain["tokens_per_step"] == 128 and plain["tokens_per_s"] > 0
