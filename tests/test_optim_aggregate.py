@@ -212,10 +212,11 @@ def test_aggregate_rejects_duplicates_and_mixed_steps():
 
 
 # ------------------------------------------------------------------------------ replicas stay identical
-def run_replicas(make_opt, steps=3, universal_tier=0):
+def run_replicas(make_opt, steps=3, universal_tier=0, fused=False):
     """A universal replica (client 'u', tier 0), a sliced tier-1 replica (client 's'), and a tier-2 peer that
     holds no replica under test. Each step every client encodes random gradients; both replicas decode all
-    payloads, aggregate and apply; their shared region must be bit-identical."""
+    payloads, aggregate and apply (`fused`: streamed, aggregate_and_apply); their shared region must be
+    bit-identical."""
     model = build_model(CFG, seed=0)
     universal = {n: p.detach().clone() for n, p in model.named_parameters()}
     sliced = {n: p.detach().clone() for n, p in sliced_model(model, T1).named_parameters()}
@@ -231,7 +232,10 @@ def run_replicas(make_opt, steps=3, universal_tier=0):
             opt = opts[client]
             arrived = blobs if client == "s" else blobs[::-1]  # different arrival orders on the two replicas
             payloads = [decode_payload(b, opt.expectation("run", step)) for b in arrived]
-            opt.apply(opt.aggregate(payloads), step)
+            if fused:
+                opt.aggregate_and_apply(payloads, step)
+            else:
+                opt.apply(opt.aggregate(payloads), step)
         for name, small in sliced.items():
             assert torch.equal(universal[name][region_slices(tuple(small.shape))], small), (step, name)
         moved = sum(int((universal[n] != model.state_dict()[n]).sum()) for n in universal)
@@ -239,12 +243,17 @@ def run_replicas(make_opt, steps=3, universal_tier=0):
     return universal, sliced
 
 
-@pytest.mark.parametrize("kw", [
-    {}, {"apply_mode": "raw", "weight_decay": 0.1, "value_dtype": "bfloat16", "average_over": "covering"},
-    {"one_bit": True, "schedule": "cosine", "warmup_steps": 1, "total_steps": 3},
+RAW = {"apply_mode": "raw", "weight_decay": 0.1, "value_dtype": "bfloat16", "average_over": "covering"}
+
+
+@pytest.mark.parametrize("kw, fused", [
+    ({}, False), (RAW, False), ({"one_bit": True, "schedule": "cosine", "warmup_steps": 1, "total_steps": 3}, False),
+    (RAW, True),  # streamed, one block of 4 chunk rows per band
 ])
-def test_sliced_and_universal_distro_replicas_stay_bit_identical(kw):
-    run_replicas(lambda spec, params: DistroOptimizer(DistroConfig(lr=0.01, topk=8, **kw), CFG, spec, params))
+def test_sliced_and_universal_distro_replicas_stay_bit_identical(kw, fused):
+    tile = {"tile_bytes": 1} if fused else {}
+    run_replicas(lambda spec, params: DistroOptimizer(DistroConfig(lr=0.01, topk=8, **kw), CFG, spec, params, **tile),
+                 fused=fused)
 
 
 @pytest.mark.parametrize("algorithm", ["adamw", "muon"])

@@ -129,6 +129,11 @@ class Replica:
 
     def apply(self, payloads: list[Payload], step: int) -> None:
         """Aggregate the round's accepted set and apply it (the same bits on every replica)."""
+        if isinstance(self.optimizer, DistroOptimizer):  # streamed: never holds the whole update
+            if payloads and any(p.step != step for p in payloads):
+                raise PayloadError(f"a payload of another step was given to aggregate step {step}")
+            self.optimizer.aggregate_and_apply(sorted(payloads, key=lambda p: p.client_id), step)
+            return
         self.apply_update(self.aggregate(payloads, step), step)
 
     # ------------------------------------------------------------------ identity

@@ -4,7 +4,7 @@ onto the universal parameter space, the payload wire format, dense AdamW/Muon, l
 A pure library: tensors in, tensors and bytes out. See docs/distro.md.
 """
 
-from aftermath.optim.aggregate import aggregate, aggregate_dense, aggregate_distro
+from aftermath.optim.aggregate import UpdateTile, aggregate, aggregate_dense, aggregate_distro, iter_distro_tiles
 from aftermath.optim.chunks import ChunkPlan, ParamChunking
 from aftermath.optim.dct import dct_basis, dct_chunks, idct_chunks
 from aftermath.optim.dense import DenseConfig, DenseOptimizer, newton_schulz
@@ -14,7 +14,7 @@ from aftermath.optim.payload import (Payload, PayloadExpectation, SizeReport, Sp
 from aftermath.optim.schedule import LRSchedule
 
 __all__ = [
-    "aggregate", "aggregate_dense", "aggregate_distro", "ChunkPlan", "ParamChunking", "dct_basis", "dct_chunks",
+    "aggregate", "aggregate_dense", "aggregate_distro", "iter_distro_tiles", "UpdateTile", "ChunkPlan", "ParamChunking", "dct_basis", "dct_chunks",
     "idct_chunks", "DenseConfig", "DenseOptimizer", "newton_schulz", "DistroConfig", "DistroOptimizer",
     "apply_distro_update", "Payload", "PayloadExpectation", "SizeReport", "SparseCoefficients", "WireFormat",
     "decode_payload", "encode_payload", "pack_signs", "size_report", "unpack_signs", "LRSchedule",

@@ -26,13 +26,14 @@ the two agree bit for bit on the shared region.
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 
-from aftermath.errors import PayloadError
+from aftermath.errors import ConfigError, PayloadError
 from aftermath.model.geometry import TierSpec, region_slices
-from aftermath.optim.chunks import ChunkPlan
+from aftermath.optim.chunks import TILE_BYTES, ChunkPlan, ParamChunking, rows_per_tile
 from aftermath.optim.dct import idct_chunks
 from aftermath.optim.payload import Payload, SparseCoefficients
 
@@ -74,55 +75,109 @@ def _target_shapes(plan: ChunkPlan, region: TierSpec | None) -> dict[str, tuple[
     return plan.region_shapes(region)
 
 
-def aggregate_distro(payloads: Iterable[Payload], plan: ChunkPlan, *, average_over: str = "selected",
-                     region: TierSpec | None = None) -> dict[str, torch.Tensor]:
+BLOCK_CHUNK_ROWS = 4  # the inverse DCT runs over fixed blocks of this many chunk rows of the universal grid
+
+
+@dataclass(frozen=True)
+class UpdateTile:
+    """A band of rows of one parameter's aggregated update: `update` (float32) holds rows `rows` (dimension 0)
+    of the parameter's target region, all of its other dimensions."""
+
+    name: str
+    rows: slice
+    update: torch.Tensor
+
+
+def _coefficients(p: Payload, name: str, pc: ParamChunking) -> SparseCoefficients:
+    """`p`'s coefficients for `name`, checked so that aggregating them cannot fail half-way."""
+    item = p.params.get(name)
+    if not isinstance(item, SparseCoefficients):
+        raise PayloadError(f"payload of {p.client_id!r} holds no DisTrO coefficients for {name}")
+    try:
+        pc.check_region(tuple(item.shape), f"payload of {p.client_id!r}")
+    except ConfigError as exc:
+        raise PayloadError(str(exc)) from exc
+    n = pc.n_chunks(tuple(item.shape))
+    if item.indices.dim() != 2 or item.indices.shape[0] != n or item.values.shape != item.indices.shape:
+        raise PayloadError(f"payload of {p.client_id!r}: {name} has indices {tuple(item.indices.shape)} and values "
+                           f"{tuple(item.values.shape)}; its region {tuple(item.shape)} needs ({n}, k) of both")
+    if item.indices.numel() and (int(item.indices.min()) < 0 or int(item.indices.max()) >= pc.chunk_numel):
+        raise PayloadError(f"payload of {p.client_id!r}: an index of {name} lies outside 0..{pc.chunk_numel - 1}")
+    return item
+
+
+def iter_distro_tiles(payloads: Iterable[Payload], plan: ChunkPlan, *, average_over: str = "selected",
+                      region: TierSpec | None = None, tile_bytes: int = TILE_BYTES) -> Iterator[UpdateTile]:
+    """The aggregated DisTrO update, parameter by parameter and, inside a parameter, band by band of chunk rows,
+    so that the working set stays near `tile_bytes` whatever the parameter's size. Every payload is checked
+    before the first tile is produced, so a consumer that applies tiles as they come never applies half a step.
+    Joined together the tiles are `aggregate_distro`'s result, bit for bit, whatever `tile_bytes` is."""
     if average_over not in AVERAGE_OVER:
         raise PayloadError(f"average_over {average_over!r} is not known; use one of {AVERAGE_OVER}")
     ordered = _canonical(payloads)
-    out: dict[str, torch.Tensor] = {}
-    for name, target in _target_shapes(plan, region).items():
-        pc = plan.params[name]
-        n_universal = pc.n_chunks(pc.universal_shape)
-        sums = torch.zeros(n_universal * pc.chunk_numel, dtype=torch.float64)
-        if average_over == "selected":
-            counts = torch.zeros(n_universal * pc.chunk_numel, dtype=torch.float64)
-        else:
-            counts = torch.zeros(n_universal, dtype=torch.float64)
-        for p in ordered:
-            item = p.params.get(name)
-            if not isinstance(item, SparseCoefficients):
-                raise PayloadError(f"payload of {p.client_id!r} holds no DisTrO coefficients for {name}")
-            chunk_ids = pc.universal_chunk_ids(item.shape)
-            positions = (chunk_ids[:, None] * pc.chunk_numel + item.indices).reshape(-1)
-            sums.index_add_(0, positions, item.values.reshape(-1).to(torch.float64))
+    targets = _target_shapes(plan, region)
+    items = {name: [_coefficients(p, name, plan.params[name]) for p in ordered] for name in targets}
+    for name, target in targets.items():
+        yield from _param_tiles(name, items[name], plan.params[name], target, plan, average_over, tile_bytes)
+
+
+def _param_tiles(name: str, items: list[SparseCoefficients], pc: ParamChunking, target: tuple[int, ...],
+                 plan: ChunkPlan, average_over: str, tile_bytes: int) -> Iterator[UpdateTile]:
+    grid = pc.grid(pc.universal_shape)
+    per_row = grid[1] if len(grid) == 2 else 1  # chunks per chunk row
+    cn = pc.chunk_numel
+    rows_needed = -(-target[0] // pc.chunk[0])  # chunk rows the target reaches into
+    # the blocks that hold those rows (the last one may reach past the target: it is computed whole)
+    rows_end = min(-(-rows_needed // BLOCK_CHUNK_ROWS) * BLOCK_CHUNK_ROWS, grid[0])
+    tile_rows = rows_per_tile(per_row * cn, tile_bytes, BLOCK_CHUNK_ROWS)
+    for r0 in range(0, rows_end, tile_rows):
+        r1 = min(r0 + tile_rows, rows_end)  # chunk rows [r0, r1) of the universal grid: whole blocks
+        n_tile = (r1 - r0) * per_row
+        sums = torch.zeros(n_tile * cn, dtype=torch.float64)
+        counts = torch.zeros(n_tile * cn if average_over == "selected" else n_tile, dtype=torch.float64)
+        for item in items:  # in client-id order: every coefficient's sum has the same order on every replica
+            tier_grid = pc.grid(tuple(item.shape))
+            tier_cols = tier_grid[1] if len(tier_grid) == 2 else 1
+            lo, hi = r0, min(r1, tier_grid[0])  # the chunk rows of this tile the peer covers
+            if lo >= hi:
+                continue
+            rows = torch.arange(lo - r0, hi - r0)
+            chunk_ids = (rows[:, None] * per_row + torch.arange(tier_cols)[None, :]).reshape(-1)
+            indices = item.indices[lo * tier_cols:hi * tier_cols]
+            positions = (chunk_ids[:, None] * cn + indices).reshape(-1)
+            sums.index_add_(0, positions, item.values[lo * tier_cols:hi * tier_cols].reshape(-1).to(torch.float64))
             if average_over == "selected":
                 counts.index_add_(0, positions, torch.ones(positions.numel(), dtype=torch.float64))
             else:
                 counts[chunk_ids] += 1.0
         if average_over == "covering":
-            counts = counts.repeat_interleave(pc.chunk_numel)
-        mean = (sums / counts.clamp(min=1.0)).reshape(n_universal, pc.chunk_numel)
-        out[name] = _inverse_in_blocks(mean, pc, target, plan)
+            counts = counts.repeat_interleave(cn)
+        mean = (sums / counts.clamp(min=1.0)).reshape(n_tile, cn)
+        del sums, counts
+        first, last = r0 * pc.chunk[0], min(r1 * pc.chunk[0], target[0])  # the target's rows in this tile
+        out = torch.empty((last - first,) + tuple(target[1:]), dtype=torch.float32)
+        for start in range(r0, r1, BLOCK_CHUNK_ROWS):
+            stop = min(start + BLOCK_CHUNK_ROWS, grid[0])
+            shape = ((stop - start) * pc.chunk[0],) + tuple(pc.universal_shape[1:])
+            block = idct_chunks(mean[(start - r0) * per_row:(stop - r0) * per_row], shape, pc.chunk, plan.bases)
+            b0 = start * pc.chunk[0] - first
+            b1 = min(b0 + shape[0], out.shape[0])
+            # rounding to float32 is elementwise: cutting the block to the target first changes no bit
+            out[b0:b1] = block[region_slices((b1 - b0,) + tuple(target[1:]))]
+            del block
+        del mean
+        yield UpdateTile(name, slice(first, last), out)
+        del out  # the consumer holds the tile as long as it needs it
+
+
+def aggregate_distro(payloads: Iterable[Payload], plan: ChunkPlan, *, average_over: str = "selected",
+                     region: TierSpec | None = None, tile_bytes: int = TILE_BYTES) -> dict[str, torch.Tensor]:
+    """The whole aggregated update as float32 tensors in the target shapes (see `iter_distro_tiles`: a caller
+    that applies the update at once should stream the tiles instead, and never hold the whole of it)."""
+    out = {name: torch.zeros(target, dtype=torch.float32) for name, target in _target_shapes(plan, region).items()}
+    for tile in iter_distro_tiles(payloads, plan, average_over=average_over, region=region, tile_bytes=tile_bytes):
+        out[tile.name][tile.rows] = tile.update
     return out
-
-
-BLOCK_CHUNK_ROWS = 4  # the inverse DCT runs over fixed blocks of this many chunk rows of the universal grid
-
-
-def _inverse_in_blocks(mean: torch.Tensor, pc, target: tuple[int, ...], plan: ChunkPlan) -> torch.Tensor:
-    """Inverse DCT of the universal coefficients, block by block over a FIXED partition of the universal chunk
-    rows, skipping the blocks below the target region. Every replica computes a block with the same shapes and
-    inputs, hence the same bits; a small replica just computes fewer blocks."""
-    grid = pc.grid(pc.universal_shape)
-    per_row = grid[1] if len(grid) == 2 else 1  # chunks per chunk row
-    rows_needed = -(-target[0] // pc.chunk[0])
-    parts = []
-    for start in range(0, rows_needed, BLOCK_CHUNK_ROWS):
-        stop = min(start + BLOCK_CHUNK_ROWS, grid[0])
-        shape = ((stop - start) * pc.chunk[0],) + tuple(pc.universal_shape[1:])
-        parts.append(idct_chunks(mean[start * per_row:stop * per_row], shape, pc.chunk, plan.bases))
-    full = torch.cat(parts).to(torch.float32)
-    return full[region_slices(target)].contiguous()
 
 
 def aggregate_dense(payloads: Iterable[Payload], plan: ChunkPlan, *,

@@ -30,6 +30,16 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+TILE_BYTES = 32 * 2**20  # working set of one band of chunk rows when compressing or aggregating a parameter
+BYTES_PER_ELEMENT = 40  # what one element of a band costs at the peak of either (~38 measured in test_optim_memory)
+
+
+def rows_per_tile(chunk_row_numel: int, tile_bytes: int, multiple: int = 1) -> int:
+    """Chunk rows per band (a multiple of `multiple`, at least one multiple) so that a band whose chunk rows
+    hold `chunk_row_numel` elements each needs about `tile_bytes` at most."""
+    return multiple * max(1, tile_bytes // (chunk_row_numel * multiple * BYTES_PER_ELEMENT))
+
+
 def index_dtype(chunk_numel: int) -> torch.dtype:
     """The smallest integer type that holds an index into a chunk of `chunk_numel` coefficients."""
     if chunk_numel <= 256:

@@ -13,6 +13,7 @@ On receipt every replica aggregates all payloads (aggregate.py) and applies
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,8 @@ import torch
 from aftermath.errors import ConfigError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import TierSpec, region_slices
-from aftermath.optim.chunks import ChunkPlan
+from aftermath.optim.aggregate import aggregate_distro, iter_distro_tiles
+from aftermath.optim.chunks import TILE_BYTES, ChunkPlan, ParamChunking, rows_per_tile
 from aftermath.optim.dct import dct_chunks, idct_chunks
 from aftermath.optim.payload import (VALUE_DTYPES, Payload, PayloadExpectation, SparseCoefficients, WireFormat,
                                      encode_payload)
@@ -97,13 +99,18 @@ def apply_distro_update(params: dict[str, torch.Tensor], update: dict[str, torch
     for name, p in params.items():
         if name not in update:
             raise ConfigError(f"the update has no entry for {name}")
-        u = update[name]
-        overlap = region_slices(tuple(min(a, b) for a, b in zip(p.shape, u.shape)))
-        target = p.data[overlap]
-        if weight_decay and p.dim() >= 2:
-            target.mul_(decay)
-        direction = torch.sign(u[overlap]) if apply_mode == "sign" else u[overlap]
-        target.sub_(direction.to(p.dtype) * lr)
+        _apply_one(p.data, update[name], lr, decay if weight_decay and p.dim() >= 2 else None, apply_mode)
+
+
+def _apply_one(p: torch.Tensor, u: torch.Tensor, lr: float, decay: float | None, apply_mode: str) -> None:
+    """The update `u` on the overlap of `p` and `u` (both prefixes), in place; elementwise, so applying a
+    parameter whole or band by band gives the same bits."""
+    overlap = region_slices(tuple(min(a, b) for a, b in zip(p.shape, u.shape)))
+    target = p[overlap]
+    if decay is not None:
+        target.mul_(decay)
+    direction = torch.sign(u[overlap]) if apply_mode == "sign" else u[overlap]
+    target.sub_(direction.to(device=p.device, dtype=p.dtype) * lr)
 
 
 class DistroOptimizer:
@@ -111,8 +118,9 @@ class DistroOptimizer:
     universal tensors (a replica that slices at run time): momentum always has the tier's shapes."""
 
     def __init__(self, config: DistroConfig, model_config: MatFormerConfig, spec: TierSpec,
-                 params: dict[str, torch.Tensor]) -> None:
+                 params: dict[str, torch.Tensor], *, tile_bytes: int = TILE_BYTES) -> None:
         self.config = config
+        self.tile_bytes = tile_bytes  # working set of one band of rows in compress and aggregate
         self.plan = ChunkPlan(model_config, config.chunk, config.min_chunk)
         self.spec = spec
         self.shapes = self.plan.region_shapes(spec)
@@ -125,29 +133,44 @@ class DistroOptimizer:
     # ------------------------------------------------------------------ sending
     @torch.no_grad()
     def compress(self, grads: dict[str, torch.Tensor | None], step: int) -> dict[str, SparseCoefficients]:
-        """Momentum update, top-k of the chunked DCT, error feedback. Returns what is sent (float32 values)."""
+        """Momentum update, top-k of the chunked DCT, error feedback. Returns what is sent (float32 values).
+
+        All three are per chunk, so a parameter is processed in bands of whole chunk rows (about `tile_bytes`
+        of working set each): no temporary of the parameter's full size."""
         lr = self.schedule.lr(step)
         out: dict[str, SparseCoefficients] = {}
         for name, shape in self.shapes.items():
             if name not in grads:
                 raise ConfigError(f"no gradient for {name}: pass every parameter (None for no gradient)")
-            delta = self.momentum[name]
-            delta.mul_(self.config.momentum_decay)
             grad = grads[name]
-            if grad is not None:
-                delta.add_(grad.detach()[region_slices(shape)].to(torch.float32) * lr)
+            grad = None if grad is None else grad.detach()[region_slices(shape)]
             pc = self.plan.params[name]
-            coeffs = dct_chunks(delta, pc.chunk, bases=self.plan.bases)
-            k = pc.topk(self.config.topk)
-            top = coeffs.abs().topk(k, dim=1).indices.sort(dim=1).values
-            values = coeffs.gather(1, top)
-            if not self.config.one_bit:
-                # the receiver sees the wire-rounded values; feed back exactly what they see
-                values = values.to(VALUE_DTYPES[self.config.value_dtype]).to(torch.float32)
-            sent = torch.zeros_like(coeffs).scatter_(1, top, values)
-            delta.sub_(idct_chunks(sent, shape, pc.chunk, bases=self.plan.bases))
-            out[name] = SparseCoefficients(shape=shape, indices=top, values=values)
+            band = pc.chunk[0] * rows_per_tile(math.prod(shape[1:]) * pc.chunk[0], self.tile_bytes)  # rows
+            indices, values = [], []
+            for lo in range(0, shape[0], band):
+                top, sent = self._compress_band(self.momentum[name][lo:lo + band],
+                                                None if grad is None else grad[lo:lo + band], lr, pc)
+                indices.append(top)
+                values.append(sent)
+            out[name] = SparseCoefficients(shape=shape, indices=torch.cat(indices), values=torch.cat(values))
         return out
+
+    def _compress_band(self, delta: torch.Tensor, grad: torch.Tensor | None, lr: float,
+                       pc: ParamChunking) -> tuple[torch.Tensor, torch.Tensor]:
+        """One band of whole chunk rows of the momentum (a view, updated in place): (indices, values)."""
+        delta.mul_(self.config.momentum_decay)
+        if grad is not None:
+            delta.add_(grad.to(torch.float32) * lr)
+        coeffs = dct_chunks(delta, pc.chunk, bases=self.plan.bases)
+        k = pc.topk(self.config.topk)
+        top = coeffs.abs().topk(k, dim=1).indices.sort(dim=1).values
+        values = coeffs.gather(1, top)
+        if not self.config.one_bit:
+            # the receiver sees the wire-rounded values; feed back exactly what they see
+            values = values.to(VALUE_DTYPES[self.config.value_dtype]).to(torch.float32)
+        sent = coeffs.zero_().scatter_(1, top, values)  # reuses the coefficients' memory
+        delta.sub_(idct_chunks(sent, tuple(delta.shape), pc.chunk, bases=self.plan.bases))
+        return top, values
 
     def encode(self, grads: dict[str, torch.Tensor | None], step: int, run_id: str, client_id: str) -> bytes:
         """The payload bytes this replica publishes for `step` (updates the momentum: call once per step)."""
@@ -162,17 +185,34 @@ class DistroOptimizer:
                                   client_id=client_id, spec=spec, max_bytes=max_bytes)
 
     # ------------------------------------------------------------------ receiving
-    def aggregate(self, payloads: list[Payload]) -> dict[str, torch.Tensor]:
-        """The aggregated update in this replica's parameter shapes (see aggregate.py)."""
-        from aftermath.optim.aggregate import aggregate_distro
+    def _region(self) -> TierSpec | None:
+        """None when this replica holds the universal tensors (it aggregates everything), else its spec."""
+        universal = all(tuple(p.shape) == self.plan.params[n].universal_shape for n, p in self.params.items())
+        return None if universal else self.spec
 
-        region = None if all(tuple(p.shape) == self.plan.params[n].universal_shape
-                             for n, p in self.params.items()) else self.spec
-        return aggregate_distro(payloads, self.plan, average_over=self.config.average_over, region=region)
+    def aggregate(self, payloads: list[Payload]) -> dict[str, torch.Tensor]:
+        """The aggregated update in this replica's parameter shapes (see aggregate.py). Holds the whole update
+        (float32, the size of the weights); `aggregate_and_apply` does not."""
+        return aggregate_distro(payloads, self.plan, average_over=self.config.average_over, region=self._region(),
+                                tile_bytes=self.tile_bytes)
 
     def apply(self, update: dict[str, torch.Tensor], step: int) -> None:
         apply_distro_update(self.params, update, self.schedule.lr(step), weight_decay=self.config.weight_decay,
                             apply_mode=self.config.apply_mode)
+
+    @torch.no_grad()
+    def aggregate_and_apply(self, payloads: list[Payload], step: int) -> None:
+        """`apply(aggregate(payloads), step)` with the same bits, streamed: each band of rows of each parameter
+        is aggregated, applied and freed before the next, so the step needs about `tile_bytes` beyond the
+        weights and the momentum. Every payload is checked first: on a PayloadError nothing has been applied."""
+        lr = self.schedule.lr(step)
+        wd = self.config.weight_decay
+        for tile in iter_distro_tiles(payloads, self.plan, average_over=self.config.average_over,
+                                      region=self._region(), tile_bytes=self.tile_bytes):
+            p = self.params[tile.name]
+            decay = 1.0 - lr * wd if wd and p.dim() >= 2 else None
+            _apply_one(p.data[tile.rows], tile.update, lr, decay, self.config.apply_mode)
+            del tile  # free this band before the next one is computed
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
