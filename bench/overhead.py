@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-PARTS = ("t_data", "t_train", "t_encode", "t_upload", "t_prefetch", "t_download", "t_aggregate", "t_apply")
+PARTS = ("t_data", "t_train", "t_encode", "t_upload", "t_prefetch", "t_download", "t_decode", "t_aggregate")
 
 
 def network_rates(out: Path) -> list[dict[str, Any]]:

@@ -68,7 +68,7 @@ def test_outputs_metrics_and_plot(testnet_run):
         rounds = [r for r in read_metrics(out / "metrics" / f"client-{i}.jsonl") if r.get("event") == "round"]
         assert [r["step"] for r in rounds] == list(range(6))
         for key in ("loss", "tokens", "tokens_per_s", "bytes_up", "bytes_down", "peak_memory", "t_train",
-                    "t_upload", "t_download", "t_aggregate", "t_apply"):
+                    "t_upload", "t_download", "t_decode", "t_aggregate"):
             assert rounds[-1][key] is not None, key
         losses = [r["loss"] for r in rounds]
         assert losses[-1] < losses[0]

@@ -2,7 +2,7 @@
 
     join -> (Warmup) fetch the current model of its tier, say ready
          -> (RoundTrain) tokens of its batch range -> forward/backward -> DisTrO payload -> upload -> commit
-         -> (RoundWitness) fetch the accepted set -> validate -> aggregate -> apply -> say applied
+         -> (RoundWitness) fetch the accepted set -> validate/decode -> aggregate + apply -> say applied
          -> (Cooldown) report the replica hash -> ... -> (Finished) exit
 
 The loop is synchronous per round: the download of a round's results starts when the witness phase is
@@ -467,19 +467,20 @@ class TrainingClient:
         ready = {c["blob"]: self.prefetched[c["blob"]] for c in accepted if c["blob"] in self.prefetched}
         self.prefetched = {}
 
-        def decode_and_aggregate() -> dict[str, torch.Tensor]:
+        def decode() -> list:
             for c, data in zip(missing, blobs):
                 ready[c["blob"]] = self._decode(data, step, c["client_id"], c["tier"])
             payloads = [ready[c["blob"]] for c in accepted]
             if any(p.step != step or p.client_id != c["client_id"] for p, c in zip(payloads, accepted)):
                 raise CoordinatorError(409, f"a prefetched payload does not belong to step {step}")
-            return self.replica.aggregate(payloads, step)
+            return payloads
 
-        update = await loop.run_in_executor(None, decode_and_aggregate)
-        t_aggregate = time.perf_counter() - t1
+        payloads = await loop.run_in_executor(None, decode)
+        t_decode = time.perf_counter() - t1
         t2 = time.perf_counter()
-        await loop.run_in_executor(None, self.replica.apply_update, update, step)
-        t_apply = time.perf_counter() - t2
+        # Aggregate and apply together: DisTrO streams band by band and never holds the whole update.
+        await loop.run_in_executor(None, self.replica.apply, payloads, step)
+        t_aggregate = time.perf_counter() - t2
         t_prefetch, self.t_prefetch = self.t_prefetch, 0.0
         self.state.model_step = step + 1
         self.state.applied_step = step
@@ -502,7 +503,7 @@ class TrainingClient:
                      t_upload=timing.get("t_upload"), t_prefetch=round(t_prefetch, 4),
                      prefetched=len(ready) - len(missing),
                      t_download=round(t_download, 4),
-                     t_aggregate=round(t_aggregate, 4), t_apply=round(t_apply, 4), faults=self._faults())
+                     t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4), faults=self._faults())
 
     def _verify_accepted(self, step: int, accepted: list[dict[str, Any]]) -> None:
         """Every result of the accepted set must be signed by its client for the range it was assigned."""
