@@ -232,6 +232,61 @@ def claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: list[float], seeds: list[int],
+           arms: list[str], label: str, out: str, wall: float, console: Any) -> Path:
+    """Print the tables and write the JSON of a set of runs."""
+    rows = summarise(results)
+    gains = claims(results)
+
+    def pm(mean: float | None, std: float | None) -> str | None:
+        return None if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+    table_cols = ["arm", "lr", "seeds", "tier-0 val loss", "tier-1 val loss", "replicas agree", "s/run"]
+    table_rows = [[r["arm"], f"{r['lr']:g}", r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
+                   pm(r["tier1_loss"], r["tier1_loss_std"]), "yes" if r["replicas_agree"] else "NO",
+                   round(r["seconds"])] for r in rows]
+    _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {settings.apply_mode}, "
+                        f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
+                        console)
+    claim_cols = ["lr", "co-trained", "tier", "versus", "gain (nats)", "wins", "share of L-all gain"]
+    claim_rows = [[f"{g['lr']:g}", g["arm"], g["tier"], g["versus"], f"{g['gain_mean']:+.4f}",
+                   f"{g['wins']}/{g['seeds']}",
+                   None if g["fraction_of_all_tokens_gain"] is None else f"{g['fraction_of_all_tokens_gain']:.2f}"]
+                  for g in gains]
+    if claim_rows:
+        _common.print_table("Co-training gain over training alone (positive = co-training better)", claim_cols,
+                            claim_rows, console)
+    path = _common.write_json(out, {
+        "benchmark": "cotrain", "label": label, "quick": quick, "complete": True,
+        "settings": asdict(settings), "lrs": lrs, "seeds": seeds, "arms": arms,
+        "wall_seconds": round(wall, 1), "rows": rows, "claims": gains, "runs": results,
+        "markdown": {"table": _common.markdown_table(table_cols, table_rows),
+                     "claims": _common.markdown_table(claim_cols, claim_rows)},
+    })
+    return path
+
+
+def merge(paths: list[str], out: str, label: str) -> int:
+    """Combine the runs of earlier result files (their settings must agree) into one report."""
+    import json
+
+    from rich.console import Console
+
+    datas = [json.loads(Path(p).read_text()) for p in paths]
+    first = datas[0]["settings"]
+    for p, d in zip(paths, datas):
+        differ = {k for k in first if k != "lr" and d["settings"].get(k) != first[k]}
+        if differ:
+            raise SystemExit(f"error: {p} was run with other settings ({sorted(differ)}); merge only runs that differ "
+                             "in seeds or arms")
+    results = [r for d in datas for r in d["runs"]]
+    settings = Settings(**first)
+    report(results, settings, False, sorted({r["lr"] for r in results}), sorted({r["seed"] for r in results}),
+           sorted({r["arm"] for r in results}, key=list(ARMS).index), label or datas[0].get("label", ""), out,
+           sum(d["wall_seconds"] for d in datas), Console(width=200))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,8 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-batches", type=int, default=None, help="val batches of --eval-batch (default 16)")
     ap.add_argument("--jobs", type=int, default=2, help="arms run in this many processes at once")
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'raw apply')")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="run nothing: combine the runs of earlier --out files (same settings, e.g. more seeds)")
     ap.add_argument("--out", default="bench/results/cotrain.json")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.label)
 
     quick = args.quick
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -287,34 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"  [{len(results)}/{len(jobs)}] {r['arm']:7s} seed {r['seed']} lr {r['lr']:g}: "
                           f"tier0 {r['tier0_loss'] if r['tier0_loss'] is None else round(r['tier0_loss'], 4)}  "
                           f"tier1 {r['tier1_loss']:.4f}  ({r['seconds']:.0f} s)")
-    rows = summarise(results)
-    gains = claims(results)
-
-    def pm(mean: float | None, std: float | None) -> str | None:
-        return None if mean is None else f"{mean:.4f} ± {std:.4f}"
-
-    table_cols = ["arm", "lr", "seeds", "tier-0 val loss", "tier-1 val loss", "replicas agree", "s/run"]
-    table_rows = [[r["arm"], f"{r['lr']:g}", r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
-                   pm(r["tier1_loss"], r["tier1_loss_std"]), "yes" if r["replicas_agree"] else "NO",
-                   round(r["seconds"])] for r in rows]
-    _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {settings.apply_mode}, "
-                        f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
-                        console)
-    claim_cols = ["lr", "co-trained", "tier", "versus", "gain (nats)", "wins", "share of L-all gain"]
-    claim_rows = [[f"{g['lr']:g}", g["arm"], g["tier"], g["versus"], f"{g['gain_mean']:+.4f}",
-                   f"{g['wins']}/{g['seeds']}",
-                   None if g["fraction_of_all_tokens_gain"] is None else f"{g['fraction_of_all_tokens_gain']:.2f}"]
-                  for g in gains]
-    if claim_rows:
-        _common.print_table("Co-training gain over training alone (positive = co-training better)", claim_cols,
-                            claim_rows, console)
-    path = _common.write_json(args.out, {
-        "benchmark": "cotrain", "label": args.label, "quick": quick, "complete": True,
-        "settings": asdict(settings), "lrs": lrs, "seeds": seeds, "arms": arms,
-        "wall_seconds": round(time.perf_counter() - t0, 1), "rows": rows, "claims": gains, "runs": results,
-        "markdown": {"table": _common.markdown_table(table_cols, table_rows),
-                     "claims": _common.markdown_table(claim_cols, claim_rows)},
-    })
+    path = report(results, settings, quick, lrs, seeds, arms, args.label, args.out, time.perf_counter() - t0, console)
     console.print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
