@@ -24,6 +24,7 @@ tier 0 and tier 1 of whichever model the arm holds.
 Run:   .venv/bin/python bench/cotrain.py --out bench/results/cotrain.json      (small preset: long on a CPU)
 Quick: .venv/bin/python bench/cotrain.py --quick --out /tmp/cotrain.json       (tiny preset, under a minute)
 LR sweep: --lrs 3e-4,1e-3,3e-3 runs every arm at every learning rate.
+More seeds later: --merge A.json B.json --out C.json combines earlier runs (same settings) into one report.
 Remedies: --apply-mode raw, --average-over covering, --joint (tier-0 clients train loss(tier 0) + loss(tier 1)
 on the same batch, MatFormer's joint objective), --arms L+S2,S-own2 (tier-aware shares).
 """
