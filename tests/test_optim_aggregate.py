@@ -37,14 +37,7 @@ def hand_payload(client, spec, entries, k=2):
         params[name] = SparseCoefficients(shape=tuple(shape), indices=idx, values=val)
     return Payload("distro", "run", 0, client, spec, params)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the machine's two cores are shared with other test processes, and OpenMP threads
-    that wait for each other under contention make these small matrix products many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

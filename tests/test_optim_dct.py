@@ -10,14 +10,7 @@ from aftermath.model import mix_spec, preset_config, tier_spec, max_tier
 from aftermath.optim import ChunkPlan, dct_basis, dct_chunks, idct_chunks
 from aftermath.optim.chunks import index_dtype
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the machine's two cores are shared with other test processes, and OpenMP threads
-    that wait for each other under contention make these small matrix products many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

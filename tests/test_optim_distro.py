@@ -13,14 +13,7 @@ from aftermath.optim import (DistroConfig, DistroOptimizer, aggregate, apply_dis
 CFG = preset_config("tiny", vocab_size=256)
 SPEC0 = tier_spec(CFG, 0)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the machine's two cores are shared with other test processes, and OpenMP threads
-    that wait for each other under contention make these small matrix products many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

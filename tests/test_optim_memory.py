@@ -33,12 +33,7 @@ def bound(plan, tile_bytes):
     return 1.1 * max(tile_bytes, BYTES_PER_ELEMENT * block)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tensors_in(value):
