@@ -29,7 +29,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-PARTS = ("t_data", "t_train", "t_encode", "t_upload", "t_prefetch", "t_download", "t_decode", "t_aggregate")
+# t_decode is recorded by newer clients (0 when absent: older clients count decoding in t_aggregate)
+PARTS = ("t_data", "t_train", "t_encode", "t_upload", "t_prefetch", "t_download", "t_decode", "t_aggregate",
+         "t_apply")
 
 
 def network_rates(out: Path) -> list[dict[str, Any]]:
