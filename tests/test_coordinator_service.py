@@ -130,6 +130,8 @@ def test_every_route_rejects_malformed_input_with_a_json_4xx(tmp_path):
         await expect_4xx(s, "GET", f"{url}/checkpoint/files/../state.json", None)
         await expect_4xx(s, "GET", f"{url}/checkpoint/files/model/%2e%2e/%2e%2e/state.json", None)
         await expect_4xx(s, "GET", f"{url}/checkpoint/files/model/nothing.bin", 404)
+        await expect_4xx(s, "GET", f"{url}/checkpoint/files/model/a%00b", 400)  # NUL once crashed resolve()
+        await expect_4xx(s, "GET", f"{url}/checkpoint/files/model/%0a", None)
         await expect_4xx(s, "GET", f"{url}/summary", 404)
         await expect_4xx(s, "GET", f"{url}/no-such-route", 404)
         await expect_4xx(s, "DELETE", f"{url}/join", 405)

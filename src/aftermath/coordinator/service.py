@@ -705,7 +705,8 @@ class CoordinatorService:
         rel = request.match_info["path"]
         root = (self.run_dir / CHECKPOINT_DIR).resolve()
         parts = rel.split("/")
-        if any(p in ("", ".", "..") or p.startswith(".") for p in parts) or "\\" in rel:
+        if (any(p in ("", ".", "..") or p.startswith(".") for p in parts) or "\\" in rel
+                or any(ord(ch) < 32 or ord(ch) == 127 for ch in rel)):  # NUL would crash the path resolver
             raise web.HTTPBadRequest(text=f"path {rel[:200]!r} must be a plain relative path inside the checkpoint")
         path = (root / rel).resolve()
         if root not in path.parents or not path.is_file():
