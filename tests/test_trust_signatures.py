@@ -10,7 +10,6 @@ import hashlib
 import aiohttp
 import pytest
 import torch
-from aiohttp.test_utils import TestServer
 
 from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.schema import schema_hash
@@ -18,29 +17,18 @@ from aftermath.client.replica import Replica
 from aftermath.coordinator.service import CoordinatorService
 from aftermath.crypto import SignatureError, Signer, commitment_message, verify, verify_commitment
 from aftermath.model import preset_config, tier_spec
-from aftermath.runconfig import load_run_config
+from coordinator_helpers import serve_coordinator, small_run_config
 
 TOKEN = "trust-token"
 
 
 def run_config(**overrides):
-    base = {"schedule.init_min_clients": 2, "schedule.min_clients": 1, "schedule.waiting_for_members_extra_time": 0.0,
-            "schedule.total_steps": 2, "schedule.rounds_per_epoch": 2, "schedule.global_batch_size": 4,
-            "schedule.max_round_train_time": 30.0, "data.seq_len": 16, "network.max_blob_bytes": 2**20,
-            "model.export_tiers": [0, 1]}
-    base.update(overrides)
-    return load_run_config().with_overrides(base)
+    return small_run_config(**{**{"schedule.init_min_clients": 2, "schedule.max_round_train_time": 30.0, "model.export_tiers": [0, 1]}, **overrides})
 
 
 def serve(tmp_path, body, **overrides):
-    async def main():
-        service = CoordinatorService(run_config(**overrides), tmp_path / "run", token=TOKEN, linger=0.0)
-        async with TestServer(service.app, host="127.0.0.1") as server:
-            url = str(server.make_url("")).rstrip("/")
-            async with aiohttp.ClientSession() as session:
-                await body(service, session, url)
-
-    asyncio.run(main())
+    """Run `body(service, session, url)` against a real server."""
+    serve_coordinator(run_config(**overrides), tmp_path / "run", TOKEN, body)
 
 
 async def join(s, url, name, signer: Signer | None, tier=1):
