@@ -54,7 +54,8 @@ def test_clients_killed_mid_round_and_restarted(tmp_path):
     assert summary["steps"] == 10
     assert summary["replicas_consistent"] is True, summary["mismatches"]
     f = summary["faults"]
-    assert f["kills"] == 2 and f["rejoins"] >= 1, f
+    # the crash hook's kill, plus the random one unless the run finished first or it hit client-1 before step 1
+    assert 1 <= f["kills"] <= 2 and f["rejoins"] >= 1, f
     applied = {r["step"]: r for r in coordinator_records(out, "applied")}
     assert sorted(applied) == list(range(10))
     assert applied[1]["missing"] >= 1 and applied[1]["accepted"] >= 1  # the round completed without it

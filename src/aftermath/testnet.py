@@ -126,6 +126,7 @@ class Testnet:
         self.client_args: dict[str, list[str]] = {}  # name -> arguments of its first incarnation
         self.incarnations: dict[str, int] = {}
         self.kills = 0  # clients killed by the testnet or by their crash hook
+        self.random_kills = 0  # of those, killed by --kill-random (its limit counts only these)
         self.restarted: list[str] = []  # metrics files of restarted incarnations
         self.coordinator_args: list[str] = []
         self.coordinator_kills = 0
@@ -272,7 +273,7 @@ class Testnet:
                         if now >= when and (self.last_state or {}).get("phase") != "Finished":
                             del restarts[name]
                             self._restart_client(name)
-                    if self.opts.kill_random and self.kills < self.opts.kill_random and self._running_round():
+                    if self.opts.kill_random and self.random_kills < self.opts.kill_random and self._running_round():
                         if next_kill is None:
                             next_kill = now + self.opts.kill_interval / 2
                         elif now >= next_kill:
@@ -281,6 +282,7 @@ class Testnet:
                             if alive:
                                 victim = self.rng.choice(sorted(alive))
                                 self.procs[victim].send_signal(signal.SIGKILL)
+                                self.random_kills += 1
                     step_k = self.opts.kill_coordinator_at_step
                     st = self.last_state
                     if step_k is not None and not self.coordinator_kills and st is not None \
