@@ -49,7 +49,7 @@ def test_latency_loss_and_bandwidth_limit(tmp_path):
 def test_clients_killed_mid_round_and_restarted(tmp_path):
     out = tmp_path / "out"
     # client-1 dies (SIGKILL) right after uploading its step-1 blob, before committing it; one more random kill
-    summary = run_testnet(out, 10, crash_at={1: "1:upload"}, kill_random=1, kill_interval=5.0, restart_delay=0.5,
+    summary = run_testnet(out, 10, crash_at={1: "1:upload"}, kill_random=1, kill_interval=8.0, restart_delay=0.5,
                           faults=FaultConfig(seed=3))
     assert summary["steps"] == 10
     assert summary["replicas_consistent"] is True, summary["mismatches"]
