@@ -34,3 +34,15 @@ def serve_coordinator(run: RunConfig, run_dir: Path, token: str,
                 await body(service, session, url)
 
     asyncio.run(main())
+
+
+async def wait_phase(session: aiohttp.ClientSession, url: str, phase: str, tries: int = 300) -> dict:
+    """Poll the coordinator's state until it reaches `phase`; the state then."""
+    st: dict = {}
+    for _ in range(tries):
+        async with session.get(f"{url}/state") as r:
+            st = await r.json()
+        if st["phase"] == phase:
+            return st
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"phase {phase} never came; last {st.get('phase')}")

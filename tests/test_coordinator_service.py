@@ -17,7 +17,7 @@ from aftermath.coordinator.service import CoordinatorService
 from aftermath.crypto import Signer
 from aftermath.model import preset_config, tier_spec
 from aftermath.checkpoint.hf_dir import load_model_dir
-from coordinator_helpers import serve_coordinator, small_run_config
+from coordinator_helpers import serve_coordinator, small_run_config, wait_phase
 
 TOKEN = "secret-run-token"
 
@@ -145,19 +145,10 @@ def test_a_round_through_the_routes(tmp_path):
             assert r.status == 200 and json.loads(await r.read())["intermediate_size"] == 256
         assert any(f.endswith("model.safetensors") for f in entry["files"])
         # warmup -> ready -> a round
-        async def wait_phase(phase):
-            for _ in range(200):
-                async with s.get(f"{url}/state") as r:
-                    st = await r.json()
-                if st["phase"] == phase:
-                    return st
-                await asyncio.sleep(0.02)
-            raise AssertionError(f"phase {phase} never came; last {st['phase']}")
-
-        st = await wait_phase("Warmup")
+        st = await wait_phase(s, url, "Warmup")
         async with s.post(f"{url}/ready", json={"epoch": st["epoch"]}, headers=auth) as r:
             assert r.status == 200
-        st = await wait_phase("RoundTrain")
+        st = await wait_phase(s, url, "RoundTrain")
         assert st["round"]["assignments"] == {"small": [0, 4]}
         # train a real payload with the sliced tier-1 model from the checkpoint
         model = load_model_dir(service.run_dir / "checkpoint" / "model-tier1")
@@ -174,14 +165,14 @@ def test_a_round_through_the_routes(tmp_path):
                 "signature": signer.sign_commitment(service.run.run_id, 0, "small", sha, 0, 4),
                 "stats": {"loss": result.loss, "bytes_up": len(blob)}}) as r:
             assert r.status == 200, await r.text()
-        st = await wait_phase("RoundWitness")
+        st = await wait_phase(s, url, "RoundWitness")
         assert [c["client_id"] for c in st["round"]["accepted"]] == ["small"]
         async with s.get(f"{url}/blobs/{sha}", headers=auth) as r:
             assert await r.read() == blob
         replica.apply([replica.decode(blob, 0, "small", spec)], 0)
         async with s.post(f"{url}/applied", json={"step": 0}, headers=auth) as r:
             assert r.status == 200
-        st = await wait_phase("RoundTrain")
+        st = await wait_phase(s, url, "RoundTrain")
         assert st["step"] == 1 and st["round"]["assignments"] == {"small": [4, 8]}
         # long-poll returns at once for an old version, and waits for a new one
         async with s.get(f"{url}/state?after={st['version'] - 1}&wait=5") as r:

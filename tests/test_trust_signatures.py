@@ -17,7 +17,7 @@ from aftermath.client.replica import Replica
 from aftermath.coordinator.service import CoordinatorService
 from aftermath.crypto import SignatureError, Signer, commitment_message, verify, verify_commitment
 from aftermath.model import preset_config, tier_spec
-from coordinator_helpers import serve_coordinator, small_run_config
+from coordinator_helpers import serve_coordinator, small_run_config, wait_phase
 
 TOKEN = "trust-token"
 
@@ -39,16 +39,6 @@ async def join(s, url, name, signer: Signer | None, tier=1):
         data = await r.json()
         assert r.status == 200, data
         return {"Authorization": f"Bearer {data['session']}"}
-
-
-async def wait_phase(s, url, phase):
-    for _ in range(300):
-        async with s.get(f"{url}/state") as r:
-            st = await r.json()
-        if st["phase"] == phase:
-            return st
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"phase {phase} never came; last {st['phase']}")
 
 
 def test_unit_signatures():
