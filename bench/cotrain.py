@@ -1,12 +1,12 @@
 """Co-training versus training alone: does a tier-0 client gain from training together with tier-1 clients, and
 does the tier-1 submodel beat a tier-1-width model trained alone? Held-out loss at equal steps.
 
-The protocol is simulated IN ONE PROCESS with the real library, so an arm is fast and deterministic:
-every simulated client holds its own model (tier 0: the universal model; tier t: `sliced_model` of the same
-initial weights) and its own optimizer (DistroOptimizer, or DenseOptimizer for `--optimizer adamw`). Each step
-every client trains on its own disjoint slice of the global batch, encodes a payload (real bytes); all payloads
-are decoded (`decode_payload`, strict), aggregated (region-normalised) and applied by every replica, as the
-network client does. After the run the replicas must agree bit for bit on the region they share (checked: a
+The protocol is simulated IN ONE PROCESS with the network's own replica objects (aftermath.round.replica), so
+an arm is fast and deterministic: every simulated client holds a Replica (tier 0: the universal model; tier t:
+`sliced_model` of the same initial weights) with the run's update rule (DisTrO, or AdamW for `--optimizer
+adamw`). Each step every client trains on its own disjoint slice of the global batch and encodes a payload (real
+bytes); every replica decodes all payloads (strict), aggregates them (region-normalised) and applies them, as
+the network client does. After the run the replicas must agree bit for bit on the region they share (checked: a
 cheap proof that the simulation is the protocol).
 
 Data: step s, slot k reads sequences [s*G + k*b, s*G + (k+1)*b) of the train split (b = --batch, G = 4b), so a
@@ -88,13 +88,16 @@ class Job:
     settings: Settings
 
 
-def optimizer_for(s: Settings, cfg: Any, spec: Any, params: dict) -> Any:
-    from aftermath.optim import DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer
+def run_config(s: Settings, run_id: str) -> Any:
+    """The run config an arm's replicas are built from (constant LR, no warmup: the arms compare at equal LR)."""
+    from aftermath.runconfig import RunConfig
 
+    overrides = {"run_id": run_id, "model.preset": s.preset, "optimizer.name": s.optimizer, "optimizer.lr": s.lr,
+                 "optimizer.schedule": "constant", "optimizer.warmup_steps": 0, "schedule.total_steps": s.steps,
+                 "data.seq_len": s.seq_len}
     if s.optimizer == "distro":
-        return DistroOptimizer(DistroConfig(lr=s.lr, topk=s.topk, apply_mode=s.apply_mode,
-                                            average_over=s.average_over), cfg, spec, params)
-    return DenseOptimizer(DenseConfig(algorithm=s.optimizer, lr=s.lr), cfg, spec, params)
+        overrides["optimizer.distro"] = {"topk": s.topk, "apply_mode": s.apply_mode, "average_over": s.average_over}
+    return RunConfig().with_overrides(overrides)
 
 
 def run_job(job: Job) -> dict[str, Any]:
@@ -105,12 +108,14 @@ def run_job(job: Job) -> dict[str, Any]:
     from aftermath.evaluate import evaluate
     from aftermath.model import build_model, param_shapes, preset_config, tier_spec
     from aftermath.model.slicing import sliced_model
-    from aftermath.optim import decode_payload
+    from aftermath.round.replica import Replica
 
     s = job.settings
     torch.set_num_threads(s.threads)
     start = time.perf_counter()
     cfg = preset_config(s.preset)
+    run_id = f"cotrain-{job.arm.replace('+', '.')}-{job.seed}"
+    run = run_config(s, run_id)
     data_dir = default_data_dir()
     train = TokenStream(data_dir, s.seq_len, seed=job.seed, split="train", vocab_size=cfg.vocab_size)
     val = TokenStream(data_dir, s.seq_len, seed=0, split="val", vocab_size=cfg.vocab_size)
@@ -122,11 +127,9 @@ def run_job(job: Job) -> dict[str, Any]:
         model = init if plan.tier == 0 else sliced_model(init, specs[plan.tier])
         if plan.tier == 0 and any(c["plan"].tier == 0 for c in clients):
             raise ValueError("one tier-0 client per arm")
-        params = {n: p.data for n, p in model.named_parameters()}
         clients.append({"id": f"c{i}", "plan": plan, "model": model, "spec": specs[plan.tier],
-                        "opt": optimizer_for(s, cfg, specs[plan.tier], params)})
+                        "replica": Replica.build(model, cfg, specs[plan.tier], run)})
 
-    run_id = f"cotrain-{job.arm}-{job.seed}"
     stride = SLOTS_PER_STEP * s.batch
     train_losses: list[tuple[int, float]] = []
     for step in range(s.steps):
@@ -145,18 +148,11 @@ def run_job(job: Job) -> dict[str, Any]:
             total.backward()
             step_loss += float(loss.detach())
             grads = {n: p.grad for n, p in model.named_parameters()}
-            blobs.append((c["id"], c["spec"], c["opt"].encode(grads, step, run_id, c["id"])))
-        # every replica decodes, aggregates and applies the same accepted set (aggregation is deterministic,
-        # so replicas of the same spec share one aggregate)
-        ref = clients[0]["opt"]
-        payloads = sorted((decode_payload(data, ref.expectation(run_id, step, client_id=cid, spec=spec))
-                           for cid, spec, data in blobs), key=lambda p: p.client_id)
-        updates: dict[str, dict] = {}
+            blobs.append((c["id"], c["spec"], c["replica"].encode(grads, step, c["id"])))
+        # every replica decodes and applies the same accepted set, as the network client does
         for c in clients:
-            key = c["spec"].name
-            if key not in updates:
-                updates[key] = c["opt"].aggregate(payloads)
-            c["opt"].apply(updates[key], step)
+            replica = c["replica"]
+            replica.apply([replica.decode(data, step, cid, spec) for cid, spec, data in blobs], step)
         if step % 10 == 0 or step == s.steps - 1:
             train_losses.append((step, step_loss / len(clients)))
 

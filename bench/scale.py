@@ -87,7 +87,7 @@ class PayloadMaker:
     def __init__(self, run: Any, tier: int) -> None:
         import torch
 
-        from aftermath.client.replica import optimizer_config
+        from aftermath.round.replica import optimizer_config
         from aftermath.model import param_shapes, preset_config, tier_spec
         from aftermath.optim import DistroOptimizer
 

@@ -72,7 +72,7 @@ def run_one(name: str, seed: int, steps: int, root: Path) -> dict:
     return {"scenario": name, "seed": seed, "steps": summary["steps"], "target_steps": steps,
             "faults_injected": f["latency"] + f["dropped"] + f["throttled"], "delayed": f["latency"],
             "dropped": f["dropped"], "throttled": f["throttled"], "kills": f["kills"], "rejoins": f["rejoins"],
-            "hash_mismatches": len(summary["mismatches"]), "replicas_consistent": summary["replicas_consistent"],
+            "hash_mismatches": len(summary["divergences"]), "replicas_consistent": summary["replicas_consistent"],
             "nan_inf": non_finite_losses(out), "wall_s": round(time.perf_counter() - started, 1),
             "val_loss_tier0": summary["tiers"].get("0", {}).get("val_loss")}
 

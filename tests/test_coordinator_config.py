@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aftermath.client.replica import optimizer_config
+from aftermath.round.replica import optimizer_config
 from aftermath.errors import ConfigError
 from aftermath.optim import DenseConfig, DistroConfig
 from aftermath.runconfig import RunConfig, default_config_text, load_run_config

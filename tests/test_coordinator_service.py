@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aftermath.checkpoint.schema import schema_hash
-from aftermath.client.replica import Replica
+from aftermath.round.replica import Replica
 from aftermath.coordinator.service import CoordinatorService
 from aftermath.crypto import Signer
 from aftermath.model import preset_config, tier_spec
@@ -153,7 +153,7 @@ def test_a_round_through_the_routes(tmp_path):
         # train a real payload with the sliced tier-1 model from the checkpoint
         model = load_model_dir(service.run_dir / "checkpoint" / "model-tier1")
         spec = tier_spec(service.keeper.config, 1)
-        replica = Replica(model, service.keeper.config, spec, service.run)
+        replica = Replica.build(model, service.keeper.config, spec, service.run)
         batch = torch.randint(0, 4096, (4, 17), generator=torch.Generator().manual_seed(0))
         result = replica.train(batch, micro_batch_size=2)
         blob = replica.encode(result.grads, 0, "small")
@@ -177,9 +177,10 @@ def test_a_round_through_the_routes(tmp_path):
         # long-poll returns at once for an old version, and waits for a new one
         async with s.get(f"{url}/state?after={st['version'] - 1}&wait=5") as r:
             assert (await r.json())["version"] >= st["version"]
-        # the coordinator's replica applied the same update: same tier-1 hash (after its job ran)
-        for _ in range(100):
-            if 0 in service.round_blobs:
+        # the coordinator's replica applied the same update: same tier-1 hash (once its apply job ran)
+        applied = service.run_dir / "metrics" / "coordinator.jsonl"
+        for _ in range(200):
+            if any(json.loads(line).get("event") == "applied" for line in applied.read_text().splitlines()):
                 break
             await asyncio.sleep(0.02)
         assert service.keeper.tier_hash(spec) == replica.weights_sha256()

@@ -27,7 +27,7 @@ class Run:
 
     def __init__(self, **kw) -> None:
         self.now = 0.0
-        self.m = RunStateMachine(schedule(**kw), self.now, run_id="t", seed=1)
+        self.m = RunStateMachine(schedule(**kw), self.now, run_id="t")
         self.events: list = []
 
     def tick(self, dt: float = 0.1):
@@ -293,8 +293,8 @@ def test_measured_throughput_moves_the_split():
 @given(st.integers(0, 10_000), st.integers(1, 300),
        st.dictionaries(st.text("abcdef", min_size=1, max_size=4), st.floats(0, 1e6), min_size=1, max_size=8))
 def test_assignment_covers_the_step_exactly_and_is_deterministic(step, batch, tps):
-    a = assign_batches(step, batch, tps)
-    b = assign_batches(step, batch, dict(reversed(list(tps.items()))))
+    a = assign_batches(step * batch, batch, tps)
+    b = assign_batches(step * batch, batch, dict(reversed(list(tps.items()))))
     assert a == b
     ranges = sorted((r.start, r.end) for r in a.values())
     assert ranges[0][0] == step * batch and ranges[-1][1] == (step + 1) * batch
@@ -307,3 +307,94 @@ def test_proportional_shares():
     assert proportional_shares(10, [1, 100]) == [1, 9]  # nobody starves
     assert proportional_shares(2, [1, 1, 5]) == [0, 0, 2]
     assert proportional_shares(5, [0, float("nan"), 2]) == [2, 2, 1]  # unknown = smallest known
+
+
+# ------------------------------------------------------------------ progress: nobody waits for an epoch that never comes
+def test_member_not_ready_at_warmup_end_gets_another_warmup_and_the_run_starts():
+    r = Run(init_min_clients=2)
+    r.m.join("a", info(0), r.now)
+    r.m.join("b", info(1), r.now)
+    r.tick(1.1)
+    assert r.m.phase == Phase.WARMUP
+    r.m.ready("a", 0, r.now)
+    b_loaded_at = r.now + 12.0  # b needs longer than one warmup to load the model
+    while r.now < 3 * 10.0 and r.m.phase != Phase.ROUND_TRAIN:
+        r.beat("a", "b")
+        if r.m.phase == Phase.WARMUP and r.now >= b_loaded_at and r.m.members["b"].status == "member":
+            r.m.ready("b", 0, r.now)
+        r.tick(0.5)
+        if r.m.phase == Phase.WAITING_FOR_MEMBERS:  # the start of the next try: every live client is in it
+            assert r.m.members["b"].status == "member"
+    assert r.m.phase == Phase.ROUND_TRAIN
+    assert sorted(r.m.round.assignments) == ["a", "b"] and r.m.round.step == 0
+    assert "deferred" in kinds(r.events)
+
+
+def test_only_member_dies_in_warmup_and_the_clients_that_joined_meanwhile_start_the_run():
+    r = Run(init_min_clients=1)
+    r.m.join("a", info(0), r.now)
+    r.tick(1.1)
+    assert r.m.phase == Phase.WARMUP
+    r.m.join("b", info(1), r.now)
+    r.m.join("c", info(2), r.now)
+    assert r.m.members["b"].status == r.m.members["c"].status == "pending"
+    for _ in range(6):  # a is killed: no more heartbeats
+        r.beat("b", "c")
+        r.tick(1.0)
+    assert r.m.members["a"].status == "gone"
+    assert r.m.members["b"].status == r.m.members["c"].status == "member"
+    for _ in range(5):
+        r.beat("b", "c")
+        r.tick(0.5)
+        if r.m.phase == Phase.WARMUP:
+            r.ready_all()
+    assert r.m.phase == Phase.ROUND_TRAIN
+    assert sorted(r.m.round.assignments) == ["b", "c"] and r.m.round.step == 0
+
+
+def test_node_dropped_in_warmup_is_replaced_by_a_pending_one():
+    r = Run(init_min_clients=2)
+    r.m.join("a", info(0), r.now)
+    r.m.join("b", info(1), r.now)
+    r.tick(1.1)
+    assert r.m.phase == Phase.WARMUP
+    r.m.ready("a", 0, r.now)
+    r.m.join("c", info(2), r.now)  # waits for the next epoch
+    r.m.leave("b", r.now, reason="shut down")
+    assert r.m.phase == Phase.WAITING_FOR_MEMBERS  # below the quorum without b
+    assert [m.id for m in r.m.active()] == ["a", "c"]  # c replaces b at once
+    r.tick(1.1)
+    assert r.m.phase == Phase.WARMUP
+    r.m.ready("c", 0, r.now)
+    r.tick()
+    assert r.m.phase == Phase.ROUND_TRAIN
+    assert sorted(r.m.round.assignments) == ["a", "c"] and r.m.round.step == 0
+
+
+def test_replica_diverged_before_the_first_round_reloads_and_says_ready_again():
+    r = Run(init_min_clients=2)
+    r.m.join("a", info(0), r.now)
+    r.m.join("b", info(1), r.now)
+    r.tick(1.1)
+    r.ready_all()
+    r.m.diverged("b", 0, r.now)  # a late hash report: b must reload before it trains
+    assert r.m.members["b"].status == "member" and r.m.members["b"].ready_epoch == -1
+    r.tick()
+    assert r.m.phase == Phase.WARMUP  # the round waits for b's reload
+    r.m.ready("b", 0, r.now)
+    r.tick()
+    assert r.m.phase == Phase.ROUND_TRAIN and sorted(r.m.round.assignments) == ["a", "b"]
+
+
+def test_a_resumed_machine_goes_on_from_its_data_position_whatever_the_batch_size():
+    # state.json said step 10 starts at sequence 320 (batch 32 before); the run now has batch 16
+    m = RunStateMachine(schedule(global_batch_size=16, total_steps=20), 0.0, run_id="t", step=10, epoch=1, data_position=320)
+    assert m.data_position(10) == 320 and m.data_position(12) == 352
+    m.join("a", ClientInfo(tier=0, spec="tier0"), 0.0)
+    now = 0.0
+    while m.phase != Phase.WARMUP:
+        now += 1.0
+        m.tick(now)
+    m.ready("a", m.epoch, now)
+    m.tick(now)
+    assert m.round.assignments["a"].start == 320 and m.round.assignments["a"].end == 336

@@ -11,7 +11,7 @@ def machine(**kw) -> RunStateMachine:
                 max_round_train_time=5.0, round_witness_time=5.0, cooldown_time=5.0, rounds_per_epoch=3,
                 global_batch_size=12, total_steps=6, heartbeat_interval=1.0, heartbeat_timeout=100.0)
     base.update(kw)
-    return RunStateMachine(ScheduleSection(**base), 0.0, run_id="t", seed=1)
+    return RunStateMachine(ScheduleSection(**base), 0.0, run_id="t")
 
 
 def to_first_round(m: RunStateMachine, now: float) -> float:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.schema import schema_hash
-from aftermath.client.replica import Replica
+from aftermath.round.replica import Replica
 from aftermath.coordinator.openapi import route_table
 from aftermath.coordinator.service import CoordinatorService
 from aftermath.crypto import Signer
@@ -175,7 +175,7 @@ def test_fuzz_every_route_no_5xx_and_the_round_goes_on(tmp_path):
         a0, a1 = st1["round"]["assignments"]["honest"]
         config = service.keeper.config
         spec = tier_spec(config, 1)
-        replica = Replica(load_model_dir(service.run_dir / "checkpoint" / "model-tier1"), config, spec, run)
+        replica = Replica.build(load_model_dir(service.run_dir / "checkpoint" / "model-tier1"), config, spec, run)
         result = replica.train(torch.randint(0, 4096, (a1 - a0, 17), generator=torch.Generator().manual_seed(0)), 2)
         blob = replica.encode(result.grads, 0, "honest")
         sha = hashlib.sha256(blob).hexdigest()

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.manifest import read_manifest, verify_files
-from aftermath.client.replica import weights_sha256
+from aftermath.round.replica import weights_sha256
 from aftermath.data import TokenStream, default_data_dir
 from aftermath.metrics import read_metrics
 from aftermath.testnet import Testnet, TestnetOptions
@@ -29,7 +29,7 @@ def testnet_run(tmp_path_factory):
 def test_replicas_agree_and_match_the_checkpoint(testnet_run):
     out, summary = testnet_run
     assert summary["steps"] == 6 and summary["epochs"] == 2
-    assert summary["replicas_consistent"] is True, summary["mismatches"]
+    assert summary["replicas_consistent"] is True, summary["unrecovered"]
     clients = {c["id"]: c for c in summary["clients"]}
     assert sorted((c["tier"] for c in clients.values())) == [0, 1, 2]
     ckpt = out / "checkpoint"

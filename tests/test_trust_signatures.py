@@ -13,7 +13,7 @@ import torch
 
 from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.schema import schema_hash
-from aftermath.client.replica import Replica
+from aftermath.round.replica import Replica
 from aftermath.coordinator.service import CoordinatorService
 from aftermath.crypto import SignatureError, Signer, commitment_message, verify, verify_commitment
 from aftermath.model import preset_config, tier_spec
@@ -76,7 +76,7 @@ def test_commits_are_signed_for_the_assigned_batch_and_validated(tmp_path):
         # alice trains a real tier-1 payload
         config = service.keeper.config
         spec = tier_spec(config, 1)
-        replica = Replica(load_model_dir(service.run_dir / "checkpoint" / "model-tier1"), config, spec, service.run)
+        replica = Replica.build(load_model_dir(service.run_dir / "checkpoint" / "model-tier1"), config, spec, service.run)
         batch = torch.randint(0, 4096, (a1 - a0, 17), generator=torch.Generator().manual_seed(0))
         result = replica.train(batch, micro_batch_size=2)
         blob = replica.encode(result.grads, 0, "alice")

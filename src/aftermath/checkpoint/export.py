@@ -22,6 +22,7 @@ from aftermath.checkpoint.manifest import (
     sha256_file,
     write_manifest,
 )
+from aftermath.checkpoint.optimizer_state import OPTIMIZER_STATE_FILE, slice_optimizer_state
 from aftermath.checkpoint.schema import read_config, schema_hash
 from aftermath.checkpoint.streaming import (
     INDEX_FILE,
@@ -63,13 +64,16 @@ def tier_directory(src: str | Path, name: str) -> Path:
 
 
 def universal_files(src: Path) -> list[str]:
-    """config.json and the weight files (index first when sharded) of a model directory, relative names."""
+    """config.json, the weight files (index first when sharded) and the optimizer state, if the directory has
+    one, of a model directory: relative names."""
     files = ["config.json"]
     if (src / INDEX_FILE).is_file():
         files.append(INDEX_FILE)
         files.extend(sorted({p.name for p in tensor_locations(src).values()}))
     else:
         files.append(SINGLE_FILE)
+    if (src / OPTIMIZER_STATE_FILE).is_file():
+        files.append(OPTIMIZER_STATE_FILE)
     return files
 
 
@@ -137,6 +141,9 @@ def _write_tier(src: Path, config: MatFormerConfig, headers: dict[str, TensorEnt
             return tensor
 
         weights = write_weights(tmp, entries, fetch, max_shard_size)
+    if (src / OPTIMIZER_STATE_FILE).is_file():  # the tier's cut of the replica state, beside its weights
+        slice_optimizer_state(src / OPTIMIZER_STATE_FILE, tmp / OPTIMIZER_STATE_FILE, config, target.spec)
+        weights.append(OPTIMIZER_STATE_FILE)
     # Self-check from the headers we just wrote: the tier's config and its tensors agree.
     written = tensor_headers(tmp)
     if {n: e.shape for n, e in written.items()} != dict(shapes):

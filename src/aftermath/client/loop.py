@@ -5,14 +5,18 @@
          -> (RoundWitness) fetch the accepted set -> validate/decode -> aggregate + apply -> say applied
          -> (Cooldown) report the replica hash -> ... -> (Finished) exit
 
-The loop is synchronous per round: the download of a round's results starts when the witness phase is
-published, after this client's own training (measured per round in the metrics as `t_download`).
+The loop is synchronous per round. While the round waits for slower peers (RoundTrain, after this client's
+own commit), it prefetches and decodes the results already committed; what is left of the accepted set is
+downloaded when the witness phase is published (`t_prefetch` and `t_download` in its RoundRecord).
 Each action is idempotent (it checks what it already did), so a repeated or missed state update is harmless.
+Every message is a model of aftermath.round.protocol. The warmup loads the tier's weights AND its cut of the
+optimizer state from the checkpoint, so a late joiner or a resynced client applies rounds exactly as the others.
 
 Trust and faults: the client makes an ed25519 keypair at join, signs every commitment, and verifies the
 signature of every result of an accepted set before applying it. A replica the coordinator finds to differ at an
-epoch end is dropped and reloaded from the checkpoint. Fault injection (aftermath.faults) lives in the transport;
-two test hooks simulate a crash (SIGKILL of itself at a chosen step and phase) and a diverging replica.
+epoch end is dropped and reloaded from the checkpoint. A coordinator that stays unreachable for
+`give_up_after` seconds ends the client with an error saying so. Fault injection (aftermath.faults) lives in the
+transport; test hooks (crash, perturb) reach the round through one seam (aftermath.client.hooks).
 """
 
 from __future__ import annotations
@@ -20,12 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import posixpath
 import shutil
-import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,15 +35,21 @@ import aiohttp
 import torch
 
 from aftermath.checkpoint.hf_dir import load_model_dir
+from aftermath.checkpoint.manifest import Manifest
+from aftermath.checkpoint.optimizer_state import OPTIMIZER_STATE_FILE, load_optimizer_state
 from aftermath.checkpoint.schema import schema_hash
-from aftermath.client.replica import Replica
+from aftermath.client.hooks import RoundHooks, TestHooks, parse_crash_at
 from aftermath.client.transport import CoordinatorError, Transport, Unreachable
 from aftermath.crypto import SignatureError, Signer, verify_commitment
-from aftermath.errors import AftermathError, ConfigError
+from aftermath.errors import AftermathError, CheckpointError, ConfigError
 from aftermath.faults import FaultConfig, FaultInjector
 from aftermath.metrics import MetricsWriter, peak_memory_bytes
 from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_spec, tier_spec
 from aftermath.model.geometry import max_tier
+from aftermath.round.protocol import (AcceptedResult, AppliedRequest, CheckpointAnswer, CommitRequest, CommitView,
+                                      HashAnswer, HashRequest, HeartbeatRequest, JoinAnswer, JoinRequest,
+                                      ReadyRequest, RoundRecord, RunInfo, StateSnapshot)
+from aftermath.round.replica import Replica
 from aftermath.runconfig import RunConfig, parse_run_config
 
 log = logging.getLogger("aftermath.client")
@@ -60,28 +68,16 @@ class ClientOptions:
     metrics_path: Path | None = None
     threads: int | None = None  # default: the run's train.threads
     join_timeout: float = 120.0  # keep trying to reach the coordinator this long at start
+    give_up_after: float = 300.0  # end with an error when the coordinator stays unreachable this long
     on_update: Callable[[dict[str, Any]], None] | None = None  # called with each metrics record
     faults: FaultConfig | None = None  # injected latency, loss, bandwidth (aftermath.faults)
-    crash_at: tuple[int, str] | None = None  # test hook: SIGKILL itself at (step, phase), see CRASH_PHASES
+    crash_at: tuple[int, str] | None = None  # test hook: SIGKILL itself at (step, phase) (aftermath.client.hooks)
     perturb_at: int | None = None  # test hook: perturb its weights after applying this step
 
-
-# Where the crash hook can strike within a round of `step`:
-CRASH_PHASES = ("train",  # after training, before the upload
-                "upload",  # after the blob upload, before the commit
-                "commit",  # after the commit, before the accepted set is fetched
-                "download",  # after fetching the accepted set, before applying it
-                "apply")  # after applying, before saying so
-
-
-def parse_crash_at(text: str | None) -> tuple[int, str] | None:
-    """`--crash-at 3:upload` (or AFTERMATH_CRASH_AT) -> (3, "upload")."""
-    if not text:
-        return None
-    step, _, phase = text.partition(":")
-    if not step.isdigit() or phase not in CRASH_PHASES:
-        raise ConfigError(f"crash hook {text!r} must be STEP:PHASE with PHASE one of {', '.join(CRASH_PHASES)}")
-    return int(step), phase
+    def hooks(self, before_crash: Callable[[], None]) -> RoundHooks:
+        if self.crash_at is None and self.perturb_at is None:
+            return RoundHooks()
+        return TestHooks(self.crash_at, self.perturb_at, before_crash)
 
 
 # ------------------------------------------------------------------------------------------ tier choice
@@ -131,7 +127,6 @@ class ClientState:
     tokens: int = 0
     rounds: int = 0
     train_seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
     resynced_epoch: int = -1  # the last divergence (epoch) this client reacted to
     resyncs: int = 0
 
@@ -151,7 +146,7 @@ class TrainingClient:
         self.data_id: str | None = None
         self.version = -1
         self.phase = ""
-        self.pending_timing: dict[str, float] = {}
+        self.pending_timing: dict[str, Any] = {}
         self.prefetched: dict[str, Any] = {}  # blob sha -> decoded payload of the current round
         self.own_blob: tuple[str, bytes] = ("", b"")
         self.t_prefetch = 0.0
@@ -159,7 +154,8 @@ class TrainingClient:
         self.faults = FaultInjector(options.faults) if options.faults is not None and options.faults.active else None
         self.signer = Signer()  # a fresh keypair for every join
         self.peer_keys: dict[str, str] = {}  # client id -> public key, from the state
-        self.round_assignments: dict[str, list[int]] = {}  # the witnessed round's batch ranges
+        self.round_assignments: dict[str, tuple[int, int]] = {}  # the witnessed round's batch ranges
+        self.hooks = options.hooks(before_crash=self.metrics.close)
         self.device = torch.device(options.device if options.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -179,38 +175,44 @@ class TrainingClient:
         return asyncio.run(self.run_async())
 
     # ------------------------------------------------------------------ joining
-    async def _run_info(self) -> dict[str, Any]:
+    async def _run_info(self) -> RunInfo:
         """The run and model config (GET /run), retried while the coordinator is starting."""
-        deadline = time.monotonic() + self.opts.join_timeout
+        started = time.monotonic()
+        said = started
         while True:
             try:
-                return await self.transport.call("GET", "/run", auth=False)
+                return await self.transport.call_model("GET", "/run", None, RunInfo, auth=False)
             except (Unreachable, CoordinatorError) as exc:
-                if time.monotonic() > deadline:
-                    raise Unreachable(f"cannot reach the coordinator at {self.opts.coordinator}: {exc}") from exc
+                waited = time.monotonic() - started
+                if waited > self.opts.join_timeout:
+                    raise Unreachable(f"cannot reach the coordinator at {self.opts.coordinator} after "
+                                      f"{waited:.0f}s ({exc}); check the URL and that the coordinator runs") from exc
+                if time.monotonic() - said >= 10:
+                    said = time.monotonic()
+                    log.warning("waiting for the coordinator at %s (%.0fs so far): %s", self.opts.coordinator,
+                                waited, exc)
                 await asyncio.sleep(0.5)
 
     async def _join(self) -> None:
         info = await self._run_info()
-        config = MatFormerConfig.from_dict(info["model_config"])
-        run = parse_run_config(info["run"], source="the coordinator's run config")
+        config = MatFormerConfig.from_dict(info.model_config_)
+        run = parse_run_config(info.run, source="the coordinator's run config")
         tier, spec_text = self.opts.tier, self.opts.spec
         if tier is None and spec_text is None:  # --tier auto
             budget = self.opts.memory_limit or available_memory(self.opts.device)
             tier = choose_tier(config, budget, run.train.micro_batch_size, run.data.seq_len, run.optimizer.name)
             log.info("--tier auto: %.0f MiB available -> tier %d", budget / 2**20, tier)
         spec = tier_spec(config, tier) if tier is not None else parse_spec(config, spec_text)
-        body = {"token": self.opts.token, "name": self.opts.name, "device": str(self.device),
-                "memory_bytes": self.opts.memory_limit or available_memory(self.opts.device),
-                "throughput": 1.0 * 2 ** (spec.tier or 0), "schema_hash": schema_hash(config)}
         self.signer = Signer()
-        body["public_key"] = self.signer.public_hex
-        body.update({"tier": tier} if tier is not None else {"spec": spec_text})
-        answer = await self.transport.call("POST", "/join", body, auth=False)
-        self.transport.auth = answer["session"]
-        self.client_id = answer["client_id"]
-        self.run = parse_run_config(answer["run"], source="the coordinator's run config")
-        self.config = MatFormerConfig.from_dict(answer["model_config"])
+        request = JoinRequest(token=self.opts.token, name=self.opts.name, device=str(self.device),
+                              memory_bytes=self.opts.memory_limit or available_memory(self.opts.device),
+                              throughput=1.0 * 2 ** (spec.tier or 0), schema_hash=schema_hash(config),
+                              public_key=self.signer.public_hex, tier=tier, spec=None if tier is not None else spec_text)
+        answer = await self.transport.call_model("POST", "/join", request, JoinAnswer, auth=False)
+        self.transport.auth = answer.session
+        self.client_id = answer.client_id
+        self.run = parse_run_config(answer.run, source="the coordinator's run config")
+        self.config = MatFormerConfig.from_dict(answer.model_config_)
         self.spec = spec
         torch.set_num_threads(self.opts.threads or self.run.train.threads)
         if self.run.data.source == "local":
@@ -219,19 +221,17 @@ class TrainingClient:
             data_dir = Path(self.run.data.dir) if self.run.data.dir else default_data_dir()
             self.stream = TokenStream(data_dir, self.run.data.seq_len, seed=self.run.seed, split="train",
                                       vocab_size=self.config.vocab_size)
-        log.info("joined as %s (%s), status %s", self.client_id, spec.name, answer["status"])
-        self._record(event="joined", status=answer["status"])
+        log.info("joined as %s (%s), status %s", self.client_id, spec.name, answer.status)
+        self._record(event="joined", status=answer.status)
 
     async def _heartbeats(self) -> None:
         interval = self.run.schedule.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.transport.call("POST", "/heartbeat", {"stats": self._stats()}, timeout=10)
-            except CoordinatorError as exc:
-                if exc.status == 401:  # our session is gone (dropped): the loop rejoins
-                    continue
-            except Unreachable:
+                await self.transport.call("POST", "/heartbeat", HeartbeatRequest(stats=self._stats()).model_dump(),
+                                          timeout=10)
+            except (CoordinatorError, Unreachable):  # a lost session or coordinator is the loop's to handle
                 continue
 
     def _stats(self) -> dict[str, Any]:
@@ -247,13 +247,11 @@ class TrainingClient:
         return {"latency": c.latency if c else 0, "dropped": c.dropped if c else 0,
                 "throttled": c.throttled if c else 0}
 
-    def _maybe_crash(self, step: int, phase: str) -> None:
-        """The crash test hook: die like `kill -9` at the chosen (step, phase)."""
-        if self.opts.crash_at == (step, phase):
-            log.warning("crash hook: killing myself at step %d, phase %s", step, phase)
-            self._record(event="crash_hook", step=step, phase=phase)
-            self.metrics.close()
-            os.kill(os.getpid(), signal.SIGKILL)
+    def _passed(self, step: int, phase: str) -> None:
+        """The test hooks' one seam (aftermath.client.hooks); production hooks do nothing."""
+        done = self.hooks.passed(step, phase, self.replica)
+        if done is not None:
+            self._record(event=done, step=step)
 
     def _record(self, **fields: Any) -> None:
         record = self.metrics.write(client_id=self.client_id, tier=self.spec.tier if self.spec else None,
@@ -263,16 +261,24 @@ class TrainingClient:
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> dict[str, Any]:
+        unreachable_since: float | None = None
         while True:
             try:
-                snap = await self.transport.call("GET", "/state", params={"after": self.version, "wait": 10},
-                                                 auth=False, timeout=40)
+                snap = await self.transport.call_model("GET", "/state", None, StateSnapshot, auth=False, timeout=40,
+                                                       params={"after": self.version, "wait": 10})
             except Unreachable as exc:
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > self.opts.give_up_after:
+                    raise Unreachable(f"the coordinator at {self.opts.coordinator} has not answered for "
+                                      f"{now - unreachable_since:.0f}s; giving up (the limit is "
+                                      f"{self.opts.give_up_after:.0f}s)") from exc
                 log.warning("coordinator unreachable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
-            self.version = snap["version"]
-            self.phase = snap["phase"]
+            unreachable_since = None
+            self.version = snap.version
+            self.phase = snap.phase
             try:
                 done = await self._act(snap)
             except CoordinatorError as exc:
@@ -280,6 +286,9 @@ class TrainingClient:
                     log.warning("session lost (%s); joining again", exc.message)
                     await self._join()
                     continue
+                if exc.status == 413:  # our payload can never fit: retrying every round would train for nothing
+                    raise ConfigError(f"the coordinator refuses this client's payloads as too large ({exc.message});"
+                                      f" raise network.max_blob_bytes in the run config or use a smaller tier")
                 self.failures += 1
                 log.warning("coordinator refused: %s", exc.message)  # e.g. too late for the round: go on
                 continue
@@ -287,98 +296,91 @@ class TrainingClient:
                 # e.g. a blob of the accepted set cannot be fetched: never apply another set; retry on the next
                 # state, and if the round moves on without us, we resynchronise from the next checkpoint
                 self.failures += 1
-                log.warning("%s in %s; retrying", exc, snap["phase"])
+                log.warning("%s in %s; retrying", exc, snap.phase)
                 await asyncio.sleep(0.5)
                 self.version = -1  # ask for the state again at once
                 continue
             if done:
                 return self._final()
 
-    def _me(self, snap: dict[str, Any]) -> dict[str, Any] | None:
-        for m in snap["members"]:
-            if m["id"] == self.client_id:
-                return m
-        return None
-
-    async def _act(self, snap: dict[str, Any]) -> bool:
-        phase = snap["phase"]
-        me = self._me(snap)
+    async def _act(self, snap: StateSnapshot) -> bool:
+        phase = snap.phase
+        me = snap.member(self.client_id)
         if phase == "Finished":  # the final hash was reported in the last cooldown
             return True
-        if me is None or me["status"] == "gone":
+        if me is None or me.status == "gone":
             log.warning("dropped by the coordinator; joining again")
             await self._join()
             return False
-        if me.get("resync_epoch", -1) > self.state.resynced_epoch:
+        if me.resync_epoch > self.state.resynced_epoch:
             # our replica differs from the reference: drop it; the next warmup reloads the checkpoint
             log.warning("the coordinator found our replica differs at epoch %d: resynchronising from the checkpoint",
-                        me["resync_epoch"])
-            self.state.resynced_epoch = me["resync_epoch"]
+                        me.resync_epoch)
+            self.state.resynced_epoch = me.resync_epoch
             self.state.resyncs += 1
             self.replica = None
             self.state.model_step = -1
             self.prefetched = {}
-            self._record(event="resync", epoch=me["resync_epoch"])
-        self.peer_keys = {m["id"]: m.get("public_key", "") for m in snap["members"]}
-        if me["status"] != "member":
+            self._record(event="resync", epoch=me.resync_epoch)
+        self.peer_keys = {m.id: m.public_key for m in snap.members}
+        if me.status != "member":
             return False  # waiting for the next epoch
-        rnd = snap["round"]
-        if phase == "Warmup" and me["ready_epoch"] != snap["epoch"]:
-            await self._ensure_model(snap["checkpoint"]["step"])
-            await self.transport.call("POST", "/ready", {"epoch": snap["epoch"]})
+        rnd = snap.round
+        if phase == "Warmup" and me.ready_epoch != snap.epoch:
+            await self._ensure_model(snap.checkpoint.step)
+            await self.transport.call("POST", "/ready", ReadyRequest(epoch=snap.epoch).model_dump())
         elif phase == "RoundTrain" and rnd is not None:
-            step = rnd["step"]
-            mine = rnd["assignments"].get(self.client_id)
-            if mine and self.client_id not in rnd["committed"] and self.state.committed_step < step \
-                    and self.state.model_step == step:
-                await self._train(step, mine[0], mine[1])
-            elif self.state.model_step == step:
-                await self._prefetch(step, rnd.get("commits", {}))
-        elif phase == "RoundWitness" and rnd is not None and rnd["accepted"] is not None:
-            step = rnd["step"]
-            self.round_assignments = rnd["assignments"]
-            if self.state.applied_step < step and self.state.model_step == step:
-                await self._apply(step, rnd["accepted"])
+            mine = rnd.assignments.get(self.client_id)
+            if mine and self.client_id not in rnd.committed and self.state.committed_step < rnd.step \
+                    and self.state.model_step == rnd.step:
+                await self._train(rnd.step, mine[0], mine[1])
+            elif self.state.model_step == rnd.step:
+                await self._prefetch(rnd.step, rnd.commits)
+        elif phase == "RoundWitness" and rnd is not None and rnd.accepted is not None:
+            self.round_assignments = rnd.assignments
+            if self.state.applied_step < rnd.step and self.state.model_step == rnd.step:
+                await self._apply(rnd.step, rnd.accepted)
         elif phase == "Cooldown":
-            if self.state.reported_epoch < snap["epoch"] and self.state.model_step == snap["step"]:
+            if self.state.reported_epoch < snap.epoch and self.state.model_step == snap.step:
                 sha = await asyncio.get_running_loop().run_in_executor(None, self.replica.weights_sha256)
-                answer = await self.transport.call("POST", "/hash", {"epoch": snap["epoch"], "step": snap["step"],
-                                                                    "weights_sha256": sha, "stats": self._stats()})
-                self.state.reported_epoch = snap["epoch"]
-                self._record(event="hash", epoch=snap["epoch"], step=snap["step"], weights_sha256=sha,
-                             match=answer.get("match"))
+                request = HashRequest(epoch=snap.epoch, step=snap.step, weights_sha256=sha, stats=self._stats())
+                answer = await self.transport.call_model("POST", "/hash", request, HashAnswer)
+                self.state.reported_epoch = snap.epoch
+                self._record(event="hash", epoch=snap.epoch, step=snap.step, weights_sha256=sha, match=answer.match)
         return False
 
     # ------------------------------------------------------------------ warmup: the model
     async def _ensure_model(self, checkpoint_step: int) -> None:
+        """The tier's weights and optimizer state from the coordinator's checkpoint (sha256-checked files)."""
         if self.replica is not None and self.state.model_step == checkpoint_step:
             return
         started = time.perf_counter()
-        ck = await self.transport.call("GET", "/checkpoint", auth=False)
-        manifest = ck["manifest"]
-        entry = next((e for e in manifest["tiers"] if e["name"] == self.spec.name), None)
-        if entry is None:
-            raise ConfigError(f"the coordinator's checkpoint has no {self.spec.name} export; ask the operator to add "
-                              f"it to model.export_tiers")
+        ck = await self.transport.call_model("GET", "/checkpoint", None, CheckpointAnswer, auth=False)
+        if ck.manifest is None:
+            raise CheckpointError("the coordinator's checkpoint has no manifest yet; waiting for it")
+        manifest = Manifest.from_json(ck.manifest, where="the coordinator's manifest")
+        entry = manifest.entry(name=self.spec.name)
+        if entry is None:  # a Mix'n'Match spec is exported into the checkpoint once its client joined
+            raise CheckpointError(f"the coordinator's checkpoint has no {self.spec.name} export yet; waiting for it")
         local = self.opts.work_dir / self.client_id / "model"
         if local.exists():
             shutil.rmtree(local)
         local.mkdir(parents=True)
-        model_dir = ck["model_dir"]
         # every file of the entry, and the common files, relative to the manifest's directory
-        for rel in list(entry["files"]) + [f for f in manifest.get("common_files", []) if f not in entry["files"]]:
-            path = posixpath.normpath(posixpath.join(model_dir, rel))
-            data = await self.transport.get_bytes(f"/checkpoint/files/{path}", manifest["sha256"][rel], auth=False)
+        for rel in list(entry.files) + [f for f in manifest.common_files if f not in entry.files]:
+            path = posixpath.normpath(posixpath.join(ck.model_dir, rel))
+            data = await self.transport.get_bytes(f"/checkpoint/files/{path}", manifest.sha256[rel], auth=False)
             (local / posixpath.basename(path)).write_bytes(data)
-        loop = asyncio.get_running_loop()
+        optimizer = self.run.optimizer.name
 
         def load() -> Replica:
             model = load_model_dir(local).to(self.device)
-            return Replica(model, self.config, self.spec, self.run)
+            state = load_optimizer_state(local / OPTIMIZER_STATE_FILE, optimizer)
+            return Replica.build(model, self.config, self.spec, self.run, state)
 
-        self.replica = await loop.run_in_executor(None, load)
+        self.replica = await asyncio.get_running_loop().run_in_executor(None, load)
         self.prefetched = {}
-        self.state.model_step = ck["info"]["step"]
+        self.state.model_step = ck.info.step
         # a fresh model at step S: nothing of step S or later is committed or applied in this timeline (after a
         # coordinator restart, the steps after its last checkpoint are trained again)
         self.state.committed_step = self.state.applied_step = self.state.model_step - 1
@@ -394,13 +396,11 @@ class TrainingClient:
             return await asyncio.get_running_loop().run_in_executor(None, self.stream.sequences, start, end)
         from aftermath.data.server import fetch_sequences
 
-        before = time.perf_counter()
         await self.transport.gate("data")
         batch = await fetch_sequences(self.opts.coordinator, start, end, self.run.data.seq_len, seed=self.run.seed,
                                       split="train", session=self.transport.session)
         # counted as downloaded bytes (the server sends 2 or 4 bytes per token)
         self.transport.stats.bytes_down += batch.numel() * (2 if self.config.vocab_size <= 65536 else 4)
-        self.pending_timing["t_data"] = time.perf_counter() - before
         return batch
 
     async def _train(self, step: int, start: int, end: int) -> None:
@@ -413,21 +413,21 @@ class TrainingClient:
         t1 = time.perf_counter()
         blob = await loop.run_in_executor(None, self.replica.encode, result.grads, step, self.client_id)
         t_encode = time.perf_counter() - t1
-        self._maybe_crash(step, "train")
+        self._passed(step, "train")
         t2 = time.perf_counter()
         sha = await self.transport.put_blob(blob)
-        self._maybe_crash(step, "upload")
+        self._passed(step, "upload")
         self.own_blob = (sha, blob)  # decoded from memory at apply time, not downloaded again
         self.state.last_loss = result.loss
         self.state.tokens += result.tokens
         self.state.train_seconds += result.seconds
-        stats = self._stats()
-        await self.transport.call("POST", "/commit", {
-            "step": step, "blob": sha, "sequences": result.sequences, "train_seconds": result.seconds,
-            "loss": result.loss if math.isfinite(result.loss) else 1e9, "stats": stats,
-            "signature": self.signer.sign_commitment(self.run.run_id, step, self.client_id, sha, start, end)})
+        request = CommitRequest(step=step, blob=sha, sequences=result.sequences, train_seconds=result.seconds,
+                                loss=result.loss if math.isfinite(result.loss) else 1e9, stats=self._stats(),
+                                signature=self.signer.sign_commitment(self.run.run_id, step, self.client_id, sha,
+                                                                      start, end))
+        await self.transport.call("POST", "/commit", request.model_dump())
         t_upload = time.perf_counter() - t2
-        self._maybe_crash(step, "commit")
+        self._passed(step, "commit")
         self.state.committed_step = step
         self.state.rounds += 1
         self.pending_timing = {"t_data": t_data, "t_train": result.seconds, "t_encode": t_encode,
@@ -440,38 +440,37 @@ class TrainingClient:
         spec = tier_spec(self.config, tier) if tier is not None else None
         return self.replica.decode(data, step, client_id, spec)
 
-    async def _prefetch(self, step: int, commits: dict[str, dict[str, Any]]) -> None:
+    async def _fetch(self, sha: str) -> bytes:
+        return self.own_blob[1] if sha == self.own_blob[0] else await self.transport.get_blob(sha)
+
+    async def _prefetch(self, step: int, commits: dict[str, CommitView]) -> None:
         """While the round waits for slower peers, fetch and decode the results already committed."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         for cid, c in commits.items():
-            if c["blob"] in self.prefetched:
+            if c.blob in self.prefetched:
                 continue
-            data = self.own_blob[1] if c["blob"] == self.own_blob[0] else await self.transport.get_blob(c["blob"])
-            self.prefetched[c["blob"]] = await loop.run_in_executor(None, self._decode, data, step, cid, c["tier"])
+            data = await self._fetch(c.blob)
+            self.prefetched[c.blob] = await loop.run_in_executor(None, self._decode, data, step, cid, c.tier)
         self.t_prefetch += time.perf_counter() - started
 
-    async def _apply(self, step: int, accepted: list[dict[str, Any]]) -> None:
+    async def _apply(self, step: int, accepted: list[AcceptedResult]) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         self._verify_accepted(step, accepted)
-        missing = [c for c in accepted if c["blob"] not in self.prefetched]
-
-        async def fetch(sha: str) -> bytes:
-            return self.own_blob[1] if sha == self.own_blob[0] else await self.transport.get_blob(sha)
-
-        blobs = await asyncio.gather(*(fetch(c["blob"]) for c in missing))
+        missing = [c for c in accepted if c.blob not in self.prefetched]
+        blobs = await asyncio.gather(*(self._fetch(c.blob) for c in missing))
         t_download = time.perf_counter() - t0
-        self._maybe_crash(step, "download")
+        self._passed(step, "download")
         t1 = time.perf_counter()
-        ready = {c["blob"]: self.prefetched[c["blob"]] for c in accepted if c["blob"] in self.prefetched}
+        ready = {c.blob: self.prefetched[c.blob] for c in accepted if c.blob in self.prefetched}
         self.prefetched = {}
 
         def decode() -> list:
             for c, data in zip(missing, blobs):
-                ready[c["blob"]] = self._decode(data, step, c["client_id"], c["tier"])
-            payloads = [ready[c["blob"]] for c in accepted]
-            if any(p.step != step or p.client_id != c["client_id"] for p, c in zip(payloads, accepted)):
+                ready[c.blob] = self._decode(data, step, c.client_id, c.tier)
+            payloads = [ready[c.blob] for c in accepted]
+            if any(p.step != step or p.client_id != c.client_id for p, c in zip(payloads, accepted)):
                 raise CoordinatorError(409, f"a prefetched payload does not belong to step {step}")
             return payloads
 
@@ -484,37 +483,32 @@ class TrainingClient:
         t_prefetch, self.t_prefetch = self.t_prefetch, 0.0
         self.state.model_step = step + 1
         self.state.applied_step = step
-        self._maybe_crash(step, "apply")
-        if self.opts.perturb_at == step:  # the divergence test hook: this replica now differs from every other
-            with torch.no_grad():
-                next(self.replica.model.parameters()).add_(1e-3)
-            self._record(event="perturbed", step=step)
-        await self.transport.call("POST", "/applied", {"step": step})
+        self._passed(step, "apply")
+        await self.transport.call("POST", "/applied", AppliedRequest(step=step).model_dump())
         timing = self.pending_timing if self.state.committed_step == step else {}
         self.pending_timing = {}
         stats = self._stats()
         train = timing.get("t_train")
-        self._record(event="round", step=step, phase="RoundWitness", loss=timing.get("loss"),
-                     tokens=timing.get("tokens", 0), sequences=timing.get("sequences", 0),
-                     tokens_per_s=round(timing["tokens"] / train, 1) if train else None,
-                     bytes_up=stats["bytes_up"], bytes_down=stats["bytes_down"], peak_memory=stats["peak_memory"],
-                     payload_bytes=timing.get("payload_bytes"), accepted=len(accepted),
-                     t_data=timing.get("t_data"), t_train=train, t_encode=timing.get("t_encode"),
-                     t_upload=timing.get("t_upload"), t_prefetch=round(t_prefetch, 4),
-                     prefetched=len(ready) - len(missing),
-                     t_download=round(t_download, 4),
-                     t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4), faults=self._faults())
+        record = RoundRecord(
+            client_id=self.client_id, tier=self.spec.tier, spec=self.spec.name, step=step, loss=timing.get("loss"),
+            tokens=timing.get("tokens", 0), sequences=timing.get("sequences", 0),
+            tokens_per_s=round(timing["tokens"] / train, 1) if train else None,
+            bytes_up=stats["bytes_up"], bytes_down=stats["bytes_down"], peak_memory=stats["peak_memory"],
+            payload_bytes=timing.get("payload_bytes"), accepted=len(accepted), t_data=timing.get("t_data"),
+            t_train=train, t_encode=timing.get("t_encode"), t_upload=timing.get("t_upload"),
+            t_prefetch=round(t_prefetch, 4), prefetched=len(ready) - len(missing), t_download=round(t_download, 4),
+            t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4), faults=self._faults())
+        self._record(**record.model_dump(exclude={"time", "client_id", "tier", "spec"}))
 
-    def _verify_accepted(self, step: int, accepted: list[dict[str, Any]]) -> None:
+    def _verify_accepted(self, step: int, accepted: list[AcceptedResult]) -> None:
         """Every result of the accepted set must be signed by its client for the range it was assigned."""
         for c in accepted:
-            key = self.peer_keys.get(c["client_id"], "")
-            rng = self.round_assignments.get(c["client_id"])
+            key = self.peer_keys.get(c.client_id, "")
+            rng = self.round_assignments.get(c.client_id)
             if not key or rng is None:
-                raise SignatureError(f"the accepted result of {c['client_id']!r} at step {step} has no known key or "
+                raise SignatureError(f"the accepted result of {c.client_id!r} at step {step} has no known key or "
                                      f"assignment; not applying this set")
-            verify_commitment(key, c.get("signature") or "", self.run.run_id, step, c["client_id"], c["blob"],
-                              rng[0], rng[1])
+            verify_commitment(key, c.signature, self.run.run_id, step, c.client_id, c.blob, rng[0], rng[1])
 
     def _final(self) -> dict[str, Any]:
         stats = self._stats()

@@ -1,6 +1,7 @@
 """The client's transport to the coordinator: JSON calls, blobs and checkpoint files over aiohttp, with retries
-and byte counters. Every request goes through `Transport._send`, the one place where a request leaves the
-client: that is where fault injection (latency, loss, bandwidth: the Faults issue) belongs.
+and byte counters. Every request to the coordinator goes through `Transport._send`, where fault injection
+(latency, loss, bandwidth) is applied; token batches from the data server are fetched by aftermath.data.server
+and pass `Transport.gate` first, which injects the same latency and loss.
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ import asyncio
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+from pydantic import BaseModel, ValidationError
 
 from aftermath.errors import AftermathError
 from aftermath.faults import FaultInjector, InjectedDrop
+
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class CoordinatorError(AftermathError):
@@ -112,6 +117,19 @@ class Transport:
             raise CoordinatorError(status, parsed.get("error", "?") if isinstance(parsed, dict) else str(parsed),
                                    parsed if isinstance(parsed, dict) else None)
         return parsed
+
+    async def call_model(self, method: str, path: str, request: BaseModel | None, answer: type[Answer], *,
+                         params: dict[str, Any] | None = None, auth: bool = True,
+                         timeout: float | None = None) -> Answer:
+        """A call whose body and answer are protocol models (aftermath.round.protocol)."""
+        body = None if request is None else request.model_dump(mode="json", by_alias=True)
+        data = await self.call(method, path, body, params=params, auth=auth, timeout=timeout)
+        try:
+            return answer.model_validate(data)
+        except ValidationError as exc:
+            raise CoordinatorError(502, f"{method} {path} answered something that is not a {answer.__name__} "
+                                        f"({exc.error_count()} problems, first: {exc.errors()[0]['msg']}); is the "
+                                        f"coordinator another version of Aftermath?") from exc
 
     async def put_blob(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()

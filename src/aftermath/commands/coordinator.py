@@ -63,15 +63,19 @@ def run(args: argparse.Namespace) -> int:
             args.ready_file.write_text(json.dumps({"url": url, "token": token}))
 
     asyncio.run(serve(service, config.network.host, config.network.port, on_ready=ready))
-    summary = service.summary or {}
+    summary = service.summary
+    if summary is None:
+        console.print("the coordinator stopped before the run finished; no summary")
+        return 1
     table = Table("client", "tier", "final loss", "bytes up", "bytes down", "weights sha256",
-                  title=f"run {config.run_id}: {summary.get('steps')} steps, replicas consistent: "
-                  f"{summary.get('replicas_consistent')}")
-    for c in summary.get("clients", []):
-        loss = c.get("final_loss")
-        table.add_row(c["id"], str(c["tier"]), "-" if loss is None else f"{loss:.3f}", str(c["bytes_up"]),
-                      str(c["bytes_down"]), (c.get("weights_sha256") or "-")[:16])
+                  title=f"run {config.run_id}: {summary.steps} steps, replicas consistent: "
+                  f"{summary.replicas_consistent}")
+    for c in summary.clients:
+        table.add_row(c.id, str(c.tier), "-" if c.final_loss is None else f"{c.final_loss:.3f}", str(c.bytes_up),
+                      str(c.bytes_down), (c.weights_sha256 or "-")[:16])
     console.print(table)
-    for tier, v in summary.get("tiers", {}).items():
-        console.print(f"  tier {tier}: validation loss {v['val_loss']:.4f} (initial {v.get('initial_val_loss') or 0:.4f})")
-    return 0 if summary.get("replicas_consistent") else 1
+    for tier, v in summary.tiers.items():
+        console.print(f"  tier {tier}: validation loss {v.val_loss or 0:.4f} (initial {v.initial_val_loss or 0:.4f})")
+    for d in summary.unrecovered:
+        console.print(f"  [red]replica of {d.client_id} ({d.spec}) differs since epoch {d.epoch}[/red]")
+    return 0 if summary.replicas_consistent else 1

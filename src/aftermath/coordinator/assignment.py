@@ -1,6 +1,7 @@
 """Batch assignment: which global sequences each client trains in a round. Pure and deterministic.
 
-Global step `s` covers the global sequences [s*B, (s+1)*B) of the data stream. They are split among the
+Global step `s` covers B global sequences of the data stream, from [s*B, (s+1)*B) in a run that never changed
+its batch size B (the state machine says where a step starts). They are split among the
 round's clients in proportion to their throughput (sequences per second: declared at join, then measured),
 so that a round is not bound by its slowest client. Given (step, members sorted by id, throughputs) the
 result is always the same: every client and the coordinator can recompute it.
@@ -26,12 +27,6 @@ class BatchRange:
 
     def to_json(self) -> list[int]:
         return [self.start, self.end]
-
-
-def step_range(step: int, global_batch_size: int) -> BatchRange:
-    if step < 0 or global_batch_size < 1:
-        raise ConfigError(f"step {step} must be >= 0 and global_batch_size {global_batch_size} >= 1")
-    return BatchRange(step * global_batch_size, (step + 1) * global_batch_size)
 
 
 def proportional_shares(total: int, weights: list[float]) -> list[int]:
@@ -60,13 +55,16 @@ def proportional_shares(total: int, weights: list[float]) -> list[int]:
     return [share + base for share in shares]
 
 
-def assign_batches(step: int, global_batch_size: int, throughputs: dict[str, float]) -> dict[str, BatchRange]:
-    """Assign the step's global sequences to clients, contiguous ranges in client-id order.
+def assign_batches(first: int, global_batch_size: int, throughputs: dict[str, float]) -> dict[str, BatchRange]:
+    """Assign a step's global sequences [first, first + global_batch_size) to clients, contiguous ranges in
+    client-id order.
 
     A client whose share is zero (more clients than sequences) gets no range and sends no result.
     """
     members = sorted(throughputs)
-    whole = step_range(step, global_batch_size)
+    if first < 0 or global_batch_size < 1:
+        raise ConfigError(f"first sequence {first} must be >= 0 and global_batch_size {global_batch_size} >= 1")
+    whole = BatchRange(first, first + global_batch_size)
     shares = proportional_shares(global_batch_size, [throughputs[m] for m in members])
     out: dict[str, BatchRange] = {}
     cursor = whole.start

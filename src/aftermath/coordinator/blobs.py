@@ -87,3 +87,29 @@ class BlobStore:
             if path.is_file():
                 path.unlink()
         self.total_bytes = 0
+
+
+class BlobLedger:
+    """Which blobs belong to which round, so the store keeps only what members may still fetch: the accepted
+    sets of the last `keep_rounds` steps. Everything else uploaded before that (rejected, late, junk) goes."""
+
+    def __init__(self, store: BlobStore, keep_rounds: int = 2) -> None:
+        self.store = store
+        self.keep_rounds = keep_rounds
+        self._uploaded: dict[str, int] = {}  # sha -> the step that was training when it arrived
+        self._accepted: dict[int, list[str]] = {}  # step -> its accepted set's blobs
+
+    def uploaded(self, sha256: str, step: int) -> None:
+        self._uploaded.setdefault(sha256, step)
+
+    def applied(self, step: int, accepted: list[str]) -> None:
+        """Step `step` was applied with `accepted`: collect what no member can need any more."""
+        self._accepted[step] = list(accepted)
+        horizon = step - self.keep_rounds
+        for old in [s for s in self._accepted if s < horizon]:
+            del self._accepted[old]
+        keep = {sha for shas in self._accepted.values() for sha in shas}
+        for sha, when in list(self._uploaded.items()):
+            if when < horizon and sha not in keep:
+                self.store.delete(sha)
+                del self._uploaded[sha]

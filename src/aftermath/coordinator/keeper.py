@@ -4,9 +4,12 @@ replica hash of every tier.
 
 Checkpoint layout in the run directory (replaced as a whole at each epoch end):
 
-    RUN_DIR/checkpoint/model/                 universal HF checkpoint + matformer_manifest.json
-    RUN_DIR/checkpoint/model-tier1/ ...       tier exports (aftermath.checkpoint.export.export_tiers)
-    RUN_DIR/checkpoint/checkpoint.json        epoch, step, run id, validation loss and replica hash per tier
+    RUN_DIR/checkpoint/model/                 universal HF checkpoint + optimizer_state.safetensors
+                                              + matformer_manifest.json
+    RUN_DIR/checkpoint/model-tier1/ ...       tier exports, each with its cut of the optimizer state
+                                              (aftermath.checkpoint.export.export_tiers)
+    RUN_DIR/checkpoint/checkpoint.json        epoch, step, run id, optimizer, validation loss and replica hash
+                                              per tier
 
 A new checkpoint is built in `RUN_DIR/.checkpoint-tmp` and swapped in by renames, so `checkpoint/` is always
 a complete checkpoint (or, for an instant during the swap, `.checkpoint-old/` is).
@@ -25,12 +28,13 @@ from typing import Any
 from aftermath.checkpoint.export import export_tiers
 from aftermath.checkpoint.hf_dir import load_model_dir, save_model_dir
 from aftermath.checkpoint.manifest import read_manifest
+from aftermath.checkpoint.optimizer_state import OPTIMIZER_STATE_FILE, load_optimizer_state, save_optimizer_state
 from aftermath.checkpoint.schema import schema_hash
-from aftermath.client.replica import Replica
 from aftermath.errors import CheckpointError, ConfigError
 from aftermath.model import MatFormerConfig, TierSpec, build_model, preset_config, tier_spec
 from aftermath.model.geometry import max_tier
 from aftermath.optim import Payload
+from aftermath.round.replica import Replica
 from aftermath.runconfig import RunConfig
 
 CHECKPOINT_DIR = "checkpoint"
@@ -65,8 +69,7 @@ class ModelKeeper:
                 raise ConfigError(f"model.export_tiers lists tier {t}; this model has tiers 0..{max_tier(self.config)}")
         self.replica: Replica | None = None
         self.val_stream = None  # the validation TokenStream, when the coordinator has the data
-        self.reference_hashes: dict[int, dict[str, str]] = {}  # epoch -> spec name -> replica hash
-        self.val_history: list[dict[str, Any]] = []
+        self.val_history: list[dict[str, Any]] = []  # per checkpoint: epoch, step, val_loss per spec
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -89,18 +92,22 @@ class ModelKeeper:
         return done
 
     def start(self, resume_step: int | None) -> None:
-        """Build the replica: from the last checkpoint when resuming, else from `model.init` or the seed."""
+        """Build the replica: from the last checkpoint (weights and optimizer state) when resuming, else from
+        `model.init` or the seed."""
+        state = None
         if resume_step is not None:
-            model = load_model_dir(self.checkpoint_dir / MODEL_DIR)
             info = self.checkpoint_info()
             if info.get("step") != resume_step:
                 raise CheckpointError(f"{self.checkpoint_dir} holds step {info.get('step')}, state.json step "
                                       f"{resume_step}; move the run directory away to start afresh")
+            model = load_model_dir(self.checkpoint_dir / MODEL_DIR)
+            state = load_optimizer_state(self.checkpoint_dir / MODEL_DIR / OPTIMIZER_STATE_FILE,
+                                         self.run.optimizer.name)
         elif self.run.model.init:
             model = load_model_dir(self.run.model.init)
         else:
             model = build_model(self.config, seed=self.run.seed)
-        self.replica = Replica(model, self.config, self.spec, self.run)
+        self.replica = Replica.build(model, self.config, self.spec, self.run, state)
         if self.data_dir is not None:
             from aftermath.data import TokenStream
 
@@ -109,10 +116,6 @@ class ModelKeeper:
                                           max_positions=self.config.max_position_embeddings)
 
     # ------------------------------------------------------------------ rounds
-    def decode(self, data: bytes, step: int, client_id: str, spec: TierSpec) -> Payload:
-        assert self.replica is not None
-        return self.replica.decode(data, step, client_id, spec)
-
     def apply_round(self, step: int, payloads: list[Payload]) -> None:
         assert self.replica is not None
         self.replica.apply(payloads, step)
@@ -151,16 +154,17 @@ class ModelKeeper:
         tmp.mkdir(parents=True)
         tokenizer_dir = self.data_dir if self.data_dir is not None and (self.data_dir / "tokenizer.json").is_file() else None
         save_model_dir(self.replica.model, tmp / MODEL_DIR, tokenizer_dir=tokenizer_dir)
+        save_optimizer_state(tmp / MODEL_DIR / OPTIMIZER_STATE_FILE, self.replica.state_dict(),
+                             self.run.optimizer.name)
         tiers = [t for t in self.run.model.export_tiers if t > 0]
         specs = [s for s in extra_specs if s.tier is None]
         export_tiers(tmp / MODEL_DIR, tiers=tiers, specs=specs)
         all_specs = [tier_spec(self.config, t) for t in sorted({0, *tiers})] + specs
         hashes = {s.name: self.tier_hash(s) for s in all_specs}
-        self.reference_hashes[epoch] = hashes
         val = self.evaluate(all_specs)
         self.val_history.append({"epoch": epoch, "step": step, "val_loss": val})
         info = {"run_id": self.run.run_id, "epoch": epoch, "step": step, "schema_hash": self.schema_hash,
-                "weights_sha256": hashes, "val_loss": val, "written_at": time.time()}
+                "optimizer": self.run.optimizer.name, "weights_sha256": hashes, "val_loss": val, "written_at": time.time()}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         if self.checkpoint_dir.exists():
             os.replace(self.checkpoint_dir, old)
@@ -169,6 +173,14 @@ class ModelKeeper:
             shutil.rmtree(old)
         info["seconds"] = time.perf_counter() - start
         return info
+
+    def export_spec(self, spec: TierSpec) -> None:
+        """Add the Mix'n'Match `spec` to the current checkpoint (its manifest is rewritten atomically, last)."""
+        model_dir = self.checkpoint_dir / MODEL_DIR
+        manifest = read_manifest(model_dir)
+        if manifest is not None and manifest.entry(name=spec.name) is not None:
+            return
+        export_tiers(model_dir, specs=[spec])
 
     def manifest_json(self) -> dict[str, Any] | None:
         manifest = read_manifest(self.checkpoint_dir / MODEL_DIR)

@@ -1,8 +1,9 @@
 """The coordinator's OpenAPI 3 description (`GET /openapi.json`), built from the app's own router.
 
 Every route the app serves is listed (so the description cannot drift from the routes: a route without an entry
-in ROUTES still appears, with a generic description); JSON request bodies carry the JSON schema of the pydantic
-model the route validates with. The fuzz tests generate malformed input from this document.
+in ROUTES still appears, with a generic description); JSON request bodies and answers carry the JSON schema of
+their model in aftermath.round.protocol, the one definition the service and its clients use. The fuzz tests
+generate malformed input from this document.
 """
 
 from __future__ import annotations
@@ -12,33 +13,37 @@ from typing import Any
 
 from aiohttp import web
 
+from aftermath.round import protocol
+
 ERROR = {"$ref": "#/components/schemas/Error"}
 
-# (method, path) -> summary, request model name (in aftermath.coordinator.service), session needed, body kind
+# (method, path) -> summary, request and answer model names (aftermath.round.protocol), session needed, body kind
 ROUTES: dict[tuple[str, str], dict[str, Any]] = {
-    ("GET", "/health"): {"summary": "liveness, phase and step"},
+    ("GET", "/health"): {"summary": "liveness, phase and step", "answer": "HealthAnswer"},
     ("GET", "/openapi.json"): {"summary": "this description"},
-    ("GET", "/run"): {"summary": "the run config (without the token), the model config and its schema hash"},
+    ("GET", "/run"): {"summary": "the run config (without the token), the model config and its schema hash",
+                      "answer": "RunInfo"},
     ("POST", "/join"): {"summary": "join the run with the run token, a tier or spec and an ed25519 public key",
-                        "model": "JoinRequest"},
+                        "model": "JoinRequest", "answer": "JoinAnswer"},
     ("GET", "/state"): {"summary": "the run's state; with after=V waits up to wait=S s for a newer version",
-                        "query": {"after": "integer", "wait": "number"}},
+                        "query": {"after": "integer", "wait": "number"}, "answer": "StateSnapshot"},
     ("GET", "/ws"): {"summary": "WebSocket: the state pushed on every change"},
-    ("POST", "/heartbeat"): {"summary": "keep the session alive, with stats", "model": "StatsRequest",
-                             "session": True},
-    ("POST", "/ready"): {"summary": "the member holds the current model", "model": "ReadyRequest", "session": True},
+    ("POST", "/heartbeat"): {"summary": "keep the session alive, with stats", "model": "HeartbeatRequest",
+                             "answer": "HeartbeatAnswer", "session": True},
+    ("POST", "/ready"): {"summary": "the member holds the current model", "model": "ReadyRequest", "answer": "OkAnswer",
+                        "session": True},
     ("PUT", "/blobs/{sha256}"): {"summary": "upload a payload blob (hash checked, size capped)", "session": True,
                                  "binary": True},
     ("GET", "/blobs/{sha256}"): {"summary": "download a payload blob", "session": True},
     ("POST", "/commit"): {"summary": "commit a signed result for the client's assigned batch",
-                          "model": "CommitRequest", "session": True},
+                          "model": "CommitRequest", "answer": "OkAnswer", "session": True},
     ("POST", "/applied"): {"summary": "the member applied the round's accepted set", "model": "AppliedRequest",
-                           "session": True},
+                           "answer": "OkAnswer", "session": True},
     ("POST", "/hash"): {"summary": "report the replica hash at an epoch end (answer says whether to resync)",
-                        "model": "HashRequest", "session": True},
-    ("GET", "/checkpoint"): {"summary": "the current checkpoint: epoch, step, manifest"},
+                        "model": "HashRequest", "answer": "HashAnswer", "session": True},
+    ("GET", "/checkpoint"): {"summary": "the current checkpoint: epoch, step, manifest", "answer": "CheckpointAnswer"},
     ("GET", "/checkpoint/files/{path}"): {"summary": "one file of the current checkpoint"},
-    ("GET", "/summary"): {"summary": "summary.json once the run has finished"},
+    ("GET", "/summary"): {"summary": "summary.json once the run has finished", "answer": "RunSummary"},
 }
 
 
@@ -65,18 +70,27 @@ def route_table(app: web.Application) -> list[tuple[str, str]]:
     return seen
 
 
-def _schema(model_name: str) -> dict[str, Any]:
-    from aftermath.coordinator import service
+def _schema(model_name: str, mode: str = "validation") -> dict[str, Any]:
+    model = getattr(protocol, model_name)
+    return model.model_json_schema(by_alias=True, mode=mode, ref_template="#/components/schemas/{model}")
 
-    return getattr(service, model_name).model_json_schema(ref_template="#/components/schemas/{model}")
+
+def _inline_defs(schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    """Move a schema's `$defs` (nested models) into the document's components, where its $refs point."""
+    components.update(schema.pop("$defs", {}))
+    return schema
 
 
 def openapi_document(app: web.Application, run_id: str = "") -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
+    components: dict[str, Any] = {"Error": {"type": "object", "required": ["error"],
+                                            "properties": {"error": {"type": "string"}}}}
     for method, path in route_table(app):
         meta = ROUTES.get((method, path), {"summary": _generic_summary(method, path)})
         op: dict[str, Any] = {"summary": meta["summary"], "responses": {
-            "200": {"description": "success"},
+            "200": {"description": "success"} if "answer" not in meta else {
+                "description": "success", "content": {"application/json": {
+                    "schema": _inline_defs(_schema(meta["answer"], "serialization"), components)}}},
             "4XX": {"description": "bad input, refused or unknown (JSON error)",
                     "content": {"application/json": {"schema": ERROR}}},
             "429": {"description": "rate limited: retry after the Retry-After header",
@@ -90,7 +104,8 @@ def openapi_document(app: web.Application, run_id: str = "") -> dict[str, Any]:
         if meta.get("session"):
             op["security"] = [{"session": []}]
         if "model" in meta:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _schema(meta["model"])}}}
+            schema = _inline_defs(_schema(meta["model"]), components)
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
         elif meta.get("binary"):
             op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"}}}}
@@ -100,8 +115,7 @@ def openapi_document(app: web.Application, run_id: str = "") -> dict[str, Any]:
         "info": {"title": "Aftermath coordinator", "version": "1", "description": f"run {run_id}".strip()},
         "paths": paths,
         "components": {
-            "schemas": {"Error": {"type": "object", "required": ["error"],
-                                  "properties": {"error": {"type": "string"}}}},
+            "schemas": components,
             "securitySchemes": {"session": {"type": "http", "scheme": "bearer",
                                             "description": "the session token POST /join returned"}},
         },

@@ -8,8 +8,9 @@ Phases:
 - WaitingForMembers: clients join. When the quorum is there (`init_min_clients` for the first epoch,
   `min_clients` later) the machine waits `waiting_for_members_extra_time` more, then starts the warmup.
 - Warmup: every member fetches the current model and says it is ready. Ends when all are ready, or at
-  `warmup_time` (members not ready then wait for the next epoch). Falling below the quorum returns the run
-  to WaitingForMembers.
+  `warmup_time`: members not ready then are deferred, and the round starts with the ready ones if they are
+  the quorum. Falling below the quorum (at that point, or when a member is lost) returns the run to
+  WaitingForMembers, where the deferred and the clients that joined during the warmup try again.
 - RoundTrain: the round's global batch is split among the members; each trains its range and commits a
   result (a blob). Ends when every assigned result is in, else at `max_round_train_time`.
 - RoundWitness: the accepted set (the results that came in, sorted by client id) is published; every member
@@ -19,13 +20,17 @@ Phases:
   their replica hash. Ends when the checkpoint is done and every member has reported (or `cooldown_time`).
 
 The owner calls `tick(now)` often; every call returns the events that happened, for the service to act on
-(write a checkpoint, apply a round, log). Clients that join after WaitingForMembers wait for the next epoch.
-A member silent for `heartbeat_timeout` is dropped; a round never waits for a dropped member.
+(write a checkpoint, apply a round, log). Clients that join after WaitingForMembers wait for the next epoch
+("pending"). A member silent for `heartbeat_timeout` is dropped; a round never waits for a dropped member.
+
+Invariant: in WaitingForMembers every client that is not gone is a member. WaitingForMembers is the start of
+the next try at an epoch, which is what a pending client waits for, so entering it (from Cooldown, or back from
+a Warmup below the quorum) admits every pending client. Hence live clients never wait for an epoch that cannot
+start, and enough live clients always get to a round within the timeouts.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -105,7 +110,6 @@ class Commit:
 class Round:
     step: int
     epoch: int
-    seed: int
     started_at: float
     assignments: dict[str, BatchRange]
     commits: dict[str, Commit] = field(default_factory=dict)
@@ -113,7 +117,7 @@ class Round:
     applied: set[str] = field(default_factory=set)
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "seed": self.seed, "started_at": self.started_at,
+        return {"step": self.step, "epoch": self.epoch, "started_at": self.started_at,
                 "assignments": {k: v.to_json() for k, v in sorted(self.assignments.items())},
                 "committed": sorted(self.commits),
                 "commits": {cid: {"blob": c.blob, "tier": c.tier, "spec": c.spec, "signature": c.signature}
@@ -139,19 +143,16 @@ class Event:
     data: dict[str, Any]
 
 
-def round_seed(run_seed: int, run_id: str, step: int) -> int:
-    digest = hashlib.sha256(f"{run_id}:{run_seed}:{step}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 class RunStateMachine:
     """The run, as a pure state machine. `now` is injected into every call (seconds, any monotonic clock)."""
 
-    def __init__(self, schedule: ScheduleSection, now: float, *, run_id: str = "run", seed: int = 0,
-                 step: int = 0, epoch: int = 0) -> None:
+    def __init__(self, schedule: ScheduleSection, now: float, *, run_id: str = "run", step: int = 0, epoch: int = 0,
+                 data_position: int | None = None) -> None:
         self.schedule = schedule
         self.run_id = run_id
-        self.seed = seed
+        # the first global sequence of `step` (a resumed run goes on where its data stopped, even when the
+        # global batch size changed): step s reads from origin + (s - step) * global_batch_size
+        self._data_origin = (step, step * schedule.global_batch_size if data_position is None else data_position)
         self.phase = Phase.WAITING_FOR_MEMBERS
         self.phase_started = now
         self.quorum_since: float | None = None
@@ -170,6 +171,11 @@ class RunStateMachine:
         self._events: list[Event] = []
 
     # ------------------------------------------------------------------------------ helpers
+    def data_position(self, step: int) -> int:
+        """The first global sequence step `step` trains."""
+        origin_step, origin = self._data_origin
+        return origin + (step - origin_step) * self.schedule.global_batch_size
+
     def _emit(self, kind: str, **data: Any) -> None:
         self._events.append(Event(kind, data))
         self.version += 1
@@ -291,12 +297,14 @@ class RunStateMachine:
 
     def diverged(self, client_id: str, epoch: int, now: float) -> None:
         """The replica hash `client_id` reported at the end of `epoch` differs from the reference: it leaves the
-        epoch (its results stop counting) and reloads the checkpoint before it trains again."""
+        epoch (its results stop counting) and reloads the checkpoint before it trains again. Before the epoch's
+        first round it stays a member and must say ready again, after its reload."""
         member = self.members.get(client_id)
         if member is None or member.resync_epoch >= epoch:
             return
         member.resync_epoch = epoch
-        if member.status == "member":
+        member.ready_epoch = -1  # a ready said before the reload does not count
+        if member.status == "member" and self.phase not in (Phase.WAITING_FOR_MEMBERS, Phase.WARMUP):
             member.status = "pending"
         self._emit("diverged", client_id=client_id, epoch=epoch, step=self.step)
 
@@ -351,7 +359,7 @@ class RunStateMachine:
                         m.status = "pending"
                         self._emit("deferred", client_id=m.id, reason="not ready by the end of warmup")
                 if len(self.active()) < self._quorum():
-                    self._set_phase(Phase.WAITING_FOR_MEMBERS, now)
+                    self._wait_for_members(now)
                     return True
                 if self.paused:
                     return False
@@ -414,10 +422,7 @@ class RunStateMachine:
                     return True
                 self.epoch += 1
                 self.epoch_start_step = self.step
-                for m in self.members.values():
-                    if m.status == "pending":
-                        m.status = "member"
-                self._set_phase(Phase.WAITING_FOR_MEMBERS, now)
+                self._wait_for_members(now)
                 self.epoch_started = now
                 return True
             return False
@@ -427,17 +432,26 @@ class RunStateMachine:
         members = self.active()
         if self.phase == Phase.WARMUP:
             self.epoch_started = now
-        assignments = assign_batches(self.step, self.schedule.global_batch_size,
+        assignments = assign_batches(self.data_position(self.step), self.schedule.global_batch_size,
                                      {m.id: m.throughput for m in members})
-        self.round = Round(step=self.step, epoch=self.epoch, seed=round_seed(self.seed, self.run_id, self.step),
+        self.round = Round(step=self.step, epoch=self.epoch,
                            started_at=now, assignments=assignments)
         self._set_phase(Phase.ROUND_TRAIN, now)
         self._emit("round_started", step=self.step, assignments={k: v.to_json() for k, v in assignments.items()})
 
+    def _wait_for_members(self, now: float) -> None:
+        """(Re)start an epoch: every pending client is admitted (the invariant of the module docstring)."""
+        for m in self.members.values():
+            if m.status == "pending":
+                m.status = "member"
+        # the extra waiting time counts from the moment the quorum was reached, as in `join`
+        self.quorum_since = now if len(self.active()) >= self._quorum() else None
+        self._set_phase(Phase.WAITING_FOR_MEMBERS, now)
+
     def _after_member_lost(self, now: float) -> None:
         # Warmup below quorum goes back to waiting; rounds simply stop waiting for the lost member (tick).
         if self.phase == Phase.WARMUP and len(self.active()) < self._quorum():
-            self._set_phase(Phase.WAITING_FOR_MEMBERS, now)
+            self._wait_for_members(now)
 
     # ------------------------------------------------------------------------------ views
     def snapshot(self, now: float) -> dict[str, Any]:

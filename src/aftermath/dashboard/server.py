@@ -20,11 +20,14 @@ import logging
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from aftermath.dashboard.history import MetricsTail, RunHistory
+from aftermath.model import MatFormerConfig, TierSpec
+from aftermath.round.protocol import StateSnapshot
+from aftermath.runconfig import RunConfig
 
 log = logging.getLogger("aftermath.dashboard")
 
@@ -64,14 +67,31 @@ def checkpoint_view(checkpoint_dir: Path) -> dict[str, Any] | None:
             "tiers": tiers}
 
 
-class Dashboard:
-    """Builds the page's snapshot from a running CoordinatorService (duck-typed: machine, run, run_dir, specs,
-    keeper.config, clock, snapshot())."""
+class RunView(Protocol):
+    """What the dashboard reads of a running coordinator (CoordinatorService provides it)."""
 
-    def __init__(self, service: Any, admin_token: str = "") -> None:
-        self.service = service
+    run: RunConfig
+    run_dir: Path
+    model_config: MatFormerConfig
+
+    def state(self) -> StateSnapshot: ...
+
+    def spec_of(self, client_id: str) -> TierSpec | None: ...
+
+    def now(self) -> float: ...
+
+    def pause(self) -> None: ...
+
+    def resume_run(self) -> None: ...
+
+
+class Dashboard:
+    """Builds the page's snapshot from a running coordinator's typed view."""
+
+    def __init__(self, view: RunView, admin_token: str = "") -> None:
+        self.view = view
         self.admin_token = admin_token
-        self.tail = MetricsTail(Path(service.run_dir) / "metrics" / "coordinator.jsonl")
+        self.tail = MetricsTail(Path(view.run_dir) / "metrics" / "coordinator.jsonl")
         self.history = RunHistory(dense_bytes_of=self._dense_bytes)
         self._dense_cache: dict[str, int] = {}
         self._checkpoint: dict[str, Any] | None = None  # the cached view of the checkpoint on disk
@@ -83,64 +103,62 @@ class Dashboard:
         """Bytes of the client's update as dense fp32 (its tier's parameter count x 4)."""
         from aftermath.model import parameter_count
 
-        spec = self.service.specs.get(client_id)
+        spec = self.view.spec_of(client_id)
         if spec is None:
             return None
         if spec.name not in self._dense_cache:
-            self._dense_cache[spec.name] = 4 * parameter_count(self.service.keeper.config, spec)
+            self._dense_cache[spec.name] = 4 * parameter_count(self.view.model_config, spec)
         return self._dense_cache[spec.name]
 
-    def _peers(self, snap: dict[str, Any], now: float) -> list[dict[str, Any]]:
-        machine = self.service.machine
-        beat = self.service.run.schedule.heartbeat_interval
-        rnd = snap.get("round") or {}
-        committed = set(rnd.get("committed") or [])
+    def _peers(self, snap: StateSnapshot, now: float) -> list[dict[str, Any]]:
+        beat = self.view.run.schedule.heartbeat_interval
+        committed = set(snap.round.committed) if snap.round else set()
         peers = []
-        for m in snap["members"]:
-            ago = max(0.0, now - m["last_seen"])
-            stats = m.get("stats") or {}
-            if m["status"] == "gone":
+        for m in snap.members:
+            ago = max(0.0, now - m.last_seen)
+            stats = m.stats
+            if m.status == "gone":
                 state = "gone"
-            elif m["status"] == "pending":
+            elif m.status == "pending":
                 state = "joining"
             elif ago > 3 * beat:
                 state = "late"
-            elif snap["phase"] in ("WaitingForMembers", "Warmup") and m["ready_epoch"] != machine.epoch:
+            elif snap.phase in ("WaitingForMembers", "Warmup") and m.ready_epoch != snap.epoch:
                 state = "warmup"
-            elif snap["phase"] == "RoundTrain" and m["id"] in committed:
+            elif snap.phase == "RoundTrain" and m.id in committed:
                 state = "trained"
             else:
                 state = "training"
-            peers.append({"id": m["id"], "tier": m["tier"], "spec": m["spec"], "device": m["device"],
-                          "memory_bytes": m["memory_bytes"], "state": state, "loss": stats.get("loss"),
+            peers.append({"id": m.id, "tier": m.tier, "spec": m.spec, "device": m.device,
+                          "memory_bytes": m.memory_bytes, "state": state, "loss": stats.get("loss"),
                           "tokens_per_s": stats.get("tokens_per_s"), "bytes_up": stats.get("bytes_up", 0),
                           "bytes_down": stats.get("bytes_down", 0), "peak_memory": stats.get("peak_memory"),
-                          "rounds": m["rounds_contributed"], "last_seen_s": round(ago, 1)})
+                          "rounds": m.rounds_contributed, "last_seen_s": round(ago, 1)})
         return peers
 
-    def _round(self, snap: dict[str, Any]) -> dict[str, Any]:
-        run = self.service.run
-        rnd = snap.get("round") or {}
-        assigned = sorted(rnd.get("assignments") or {})
-        committed = set(rnd.get("committed") or [])
+    def _round(self, snap: StateSnapshot) -> dict[str, Any]:
+        run = self.view.run
+        rnd = snap.round
+        assigned = sorted(rnd.assignments) if rnd else []
+        committed = set(rnd.committed) if rnd else set()
         tokens_per_step = run.schedule.global_batch_size * run.data.seq_len
         per_round = self.history.seconds_per_round()
-        left = max(0, snap["total_steps"] - snap["step"])
-        return {"phase": snap["phase"], "paused": snap.get("paused", False), "finished": snap.get("finished"),
-                "seconds_left": snap["seconds_left"], "step": snap["step"], "total_steps": snap["total_steps"],
-                "epoch": snap["epoch"], "rounds_per_epoch": snap["rounds_per_epoch"],
-                "round_step": rnd.get("step"), "assigned": assigned, "results_in": sorted(committed),
+        left = max(0, snap.total_steps - snap.step)
+        return {"phase": snap.phase, "paused": snap.paused, "finished": snap.finished,
+                "seconds_left": snap.seconds_left, "step": snap.step, "total_steps": snap.total_steps,
+                "epoch": snap.epoch, "rounds_per_epoch": snap.rounds_per_epoch,
+                "round_step": rnd.step if rnd else None, "assigned": assigned, "results_in": sorted(committed),
                 "missing": [c for c in assigned if c not in committed],
-                "tokens_per_step": tokens_per_step, "tokens_total": snap["step"] * tokens_per_step,
+                "tokens_per_step": tokens_per_step, "tokens_total": snap.step * tokens_per_step,
                 "seconds_per_round": None if per_round is None else round(per_round, 2),
                 "eta_s": None if per_round is None else round(left * per_round, 1)}
 
-    async def _refresh_checkpoint(self) -> None:
+    async def _refresh_checkpoint(self, snap: StateSnapshot) -> None:
         """Recompute the checkpoint view and samples when a new checkpoint is on disk (in a thread)."""
-        key = (self.service.machine.checkpoint_epoch, self.service.machine.checkpoint_step)
+        key = (snap.checkpoint.epoch, snap.checkpoint.step)
         if key == self._checkpoint_key or (self._checkpoint_task and not self._checkpoint_task.done()):
             return
-        ckpt_dir = Path(self.service.run_dir) / "checkpoint"
+        ckpt_dir = Path(self.view.run_dir) / "checkpoint"
 
         def work() -> dict[str, Any] | None:
             from aftermath.dashboard.samples import sample_texts
@@ -165,14 +183,12 @@ class Dashboard:
     # ------------------------------------------------------------------ the snapshot
     async def snapshot(self) -> dict[str, Any]:
         self.history.add_all(self.tail.read())
-        await self._refresh_checkpoint()
-        service = self.service
-        snap = service.snapshot()
-        now = service.clock()
+        snap = self.view.state()
+        await self._refresh_checkpoint(snap)
         h = self.history
         return {
-            "time": time.time(), "run_id": snap["run_id"], "version": snap["version"],
-            "round": self._round(snap), "peers": self._peers(snap, now),
+            "time": time.time(), "run_id": snap.run_id, "version": snap.version,
+            "round": self._round(snap), "peers": self._peers(snap, self.view.now()),
             "loss": {"train": h.train_series(), "val": h.val_series()},
             "bandwidth": h.bandwidth[-200:],
             "checkpoints": h.checkpoints, "checkpoint": self._checkpoint,
@@ -206,18 +222,18 @@ class Dashboard:
 
     async def pause(self, request: web.Request) -> web.Response:
         self._check_admin(request)
-        self.service.machine.pause(self.service.clock())
+        self.view.pause()
         return web.json_response({"ok": True, "paused": True})
 
     async def resume(self, request: web.Request) -> web.Response:
         self._check_admin(request)
-        self.service.machine.resume(self.service.clock())
+        self.view.resume_run()
         return web.json_response({"ok": True, "paused": False})
 
 
-def add_dashboard_routes(app: web.Application, service: Any, admin_token: str = "") -> Dashboard:
+def add_dashboard_routes(app: web.Application, view: RunView, admin_token: str = "") -> Dashboard:
     """Mount the dashboard on the coordinator's app. An empty admin token disables pause and resume."""
-    dash = Dashboard(service, admin_token)
+    dash = Dashboard(view, admin_token)
     r = app.router
     r.add_get("/", dash.page)
     r.add_get("/dashboard", dash.page)

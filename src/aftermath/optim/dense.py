@@ -28,9 +28,9 @@ import torch
 from aftermath.errors import ConfigError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import TierSpec, region_slices
-from aftermath.optim.chunks import ChunkPlan
-from aftermath.optim.distro import check_params
-from aftermath.optim.payload import VALUE_DTYPES, Payload, PayloadExpectation, WireFormat, encode_payload
+from aftermath.optim.aggregate import aggregate_dense
+from aftermath.optim.payload import VALUE_DTYPES, Payload, WireFormat
+from aftermath.optim.rule import RegionRule
 from aftermath.optim.schedule import LRSchedule
 
 ALGORITHMS = ("adamw", "muon")
@@ -101,20 +101,15 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Te
     p.sub_(step * lr)
 
 
-class DenseOptimizer:
+class DenseOptimizer(RegionRule):
     """AdamW or Muon for one replica; state lives in the region of `spec` (the tier's shapes), or in the
     params' own shapes when the replica holds larger (universal) tensors."""
 
     def __init__(self, config: DenseConfig, model_config: MatFormerConfig, spec: TierSpec,
                  params: dict[str, torch.Tensor]) -> None:
+        super().__init__(f"{config.algorithm} optimizer for {spec.name}", model_config, spec, params, config.wire(),
+                         config.chunk, config.min_chunk, config.lr_schedule())
         self.config = config
-        self.plan = ChunkPlan(model_config, config.chunk, config.min_chunk)
-        self.spec = spec
-        self.shapes = self.plan.region_shapes(spec)
-        universal = {n: pc.universal_shape for n, pc in self.plan.params.items()}
-        check_params(params, self.shapes, universal, f"{config.algorithm} optimizer for {spec.name}")
-        self.params = params
-        self.schedule = config.lr_schedule()
         self.t = 0
         self.exp_avg = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
         self.exp_avg_sq = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
@@ -149,19 +144,14 @@ class DenseOptimizer:
             g = grads[name]
             params[name] = (torch.zeros(shape) if g is None else g.detach()[region_slices(shape)].to(torch.float32))
         payload = Payload(kind="dense", run_id=run_id, step=step, client_id=client_id, spec=self.spec, params=params)
-        return encode_payload(payload, self.plan, self.config.wire())
-
-    def expectation(self, run_id: str, step: int, client_id: str | None = None, spec: TierSpec | None = None,
-                    max_bytes: int | None = None) -> PayloadExpectation:
-        return PayloadExpectation(run_id=run_id, step=step, plan=self.plan, wire=self.config.wire(),
-                                  client_id=client_id, spec=spec, max_bytes=max_bytes)
+        return self.codec.encode(payload)
 
     # ------------------------------------------------------------------ receiving
     def aggregate(self, payloads: list[Payload]) -> dict[str, torch.Tensor]:
-        from aftermath.optim.aggregate import aggregate_dense
+        return aggregate_dense(payloads, self.plan, region=self.region)
 
-        universal = all(tuple(p.shape) == self.plan.params[n].universal_shape for n, p in self.params.items())
-        return aggregate_dense(payloads, self.plan, region=None if universal else self.spec)
+    def aggregate_and_apply(self, payloads: list[Payload], step: int) -> None:
+        self.apply(self.aggregate(payloads), step)
 
     @torch.no_grad()
     def apply(self, grad: dict[str, torch.Tensor], step: int) -> None:
@@ -195,10 +185,13 @@ class DenseOptimizer:
             p[index].sub_(ortho * lr)
             start = end
 
+    # ------------------------------------------------------------------ replica state
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the apply step reads: both moments of every parameter (Muon's momentum is `exp_avg`) and the
+        step count `t`. Keys `exp_avg/NAME`, `exp_avg_sq/NAME` (the parameter's shape), `t` (a scalar)."""
         state = {f"exp_avg/{n}": t.clone() for n, t in self.exp_avg.items()}
         state.update({f"exp_avg_sq/{n}": t.clone() for n, t in self.exp_avg_sq.items()})
-        state["t"] = torch.tensor(self.t)
+        state["t"] = torch.tensor(self.t, dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -206,6 +199,10 @@ class DenseOptimizer:
             for key, store in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
                 t = state.get(f"{key}/{name}")
                 if t is None or t.shape != p.shape:
-                    raise ConfigError(f"optimizer state lacks {key}/{name} of shape {tuple(p.shape)}")
+                    have = None if t is None else tuple(t.shape)
+                    raise ConfigError(f"optimizer state: {key}/{name} has shape {have}, the replica needs "
+                                      f"{tuple(p.shape)}; is the checkpoint from another model or optimizer?")
                 store[name] = t.to(torch.float32).clone()
+        if "t" not in state:
+            raise ConfigError("optimizer state lacks the step count 't'; is the checkpoint from a DisTrO run?")
         self.t = int(state["t"])

@@ -22,10 +22,10 @@ from aftermath.errors import ConfigError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import TierSpec, region_slices
 from aftermath.optim.aggregate import aggregate_distro, iter_distro_tiles
-from aftermath.optim.chunks import TILE_BYTES, ChunkPlan, ParamChunking, rows_per_tile
+from aftermath.optim.chunks import TILE_BYTES, ParamChunking, rows_per_tile
 from aftermath.optim.dct import dct_chunks, idct_chunks
-from aftermath.optim.payload import (VALUE_DTYPES, Payload, PayloadExpectation, SparseCoefficients, WireFormat,
-                                     encode_payload)
+from aftermath.optim.payload import VALUE_DTYPES, Payload, SparseCoefficients, WireFormat
+from aftermath.optim.rule import RegionRule
 from aftermath.optim.schedule import LRSchedule
 
 APPLY_MODES = ("sign", "raw")
@@ -71,19 +71,6 @@ class DistroConfig:
         return WireFormat(kind="distro", topk=self.topk, one_bit=self.one_bit, value_dtype=self.value_dtype)
 
 
-def check_params(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
-                 universal: dict[str, tuple[int, ...]], who: str) -> None:
-    """Each parameter must hold the spec's region and fit in the universal shape."""
-    if set(params) != set(shapes):
-        missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
-        raise ConfigError(f"{who}: parameters do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, p in params.items():
-        have, need, full = tuple(p.shape), shapes[name], universal[name]
-        if len(have) != len(need) or any(h < n or h > f for h, n, f in zip(have, need, full)):
-            raise ConfigError(f"{who}: {name} has shape {have}; it must hold the region {need} and fit in the "
-                              f"universal shape {full}")
-
-
 @torch.no_grad()
 def apply_distro_update(params: dict[str, torch.Tensor], update: dict[str, torch.Tensor], lr: float, *,
                         weight_decay: float = 0.0, apply_mode: str = "sign") -> None:
@@ -113,21 +100,17 @@ def _apply_one(p: torch.Tensor, u: torch.Tensor, lr: float, decay: float | None,
     target.sub_(direction.to(device=p.device, dtype=p.dtype) * lr)
 
 
-class DistroOptimizer:
+class DistroOptimizer(RegionRule):
     """DisTrO state of one replica training `spec`; `params` may be the tier's own (sliced) tensors or
     universal tensors (a replica that slices at run time): momentum always has the tier's shapes."""
 
     def __init__(self, config: DistroConfig, model_config: MatFormerConfig, spec: TierSpec,
                  params: dict[str, torch.Tensor], *, tile_bytes: int = TILE_BYTES) -> None:
+        super().__init__(f"DisTrO optimizer for {spec.name}", model_config, spec, params, config.wire(),
+                         config.chunk, config.min_chunk, config.lr_schedule())
         self.config = config
         self.tile_bytes = tile_bytes  # working set of one band of rows in compress and aggregate
-        self.plan = ChunkPlan(model_config, config.chunk, config.min_chunk)
-        self.spec = spec
-        self.shapes = self.plan.region_shapes(spec)
-        universal = {n: pc.universal_shape for n, pc in self.plan.params.items()}
-        check_params(params, self.shapes, universal, f"DisTrO optimizer for {spec.name}")
-        self.params = params
-        self.schedule = config.lr_schedule()
+        # sender-side only: what this replica has not sent yet; never part of the replica state
         self.momentum = {n: torch.zeros(s, dtype=torch.float32) for n, s in self.shapes.items()}
 
     # ------------------------------------------------------------------ sending
@@ -176,24 +159,13 @@ class DistroOptimizer:
         """The payload bytes this replica publishes for `step` (updates the momentum: call once per step)."""
         payload = Payload(kind="distro", run_id=run_id, step=step, client_id=client_id, spec=self.spec,
                           params=dict(self.compress(grads, step)))
-        return encode_payload(payload, self.plan, self.config.wire())
-
-    def expectation(self, run_id: str, step: int, client_id: str | None = None, spec: TierSpec | None = None,
-                    max_bytes: int | None = None) -> PayloadExpectation:
-        """What this run's payloads for `step` must look like (for decode_payload)."""
-        return PayloadExpectation(run_id=run_id, step=step, plan=self.plan, wire=self.config.wire(),
-                                  client_id=client_id, spec=spec, max_bytes=max_bytes)
+        return self.codec.encode(payload)
 
     # ------------------------------------------------------------------ receiving
-    def _region(self) -> TierSpec | None:
-        """None when this replica holds the universal tensors (it aggregates everything), else its spec."""
-        universal = all(tuple(p.shape) == self.plan.params[n].universal_shape for n, p in self.params.items())
-        return None if universal else self.spec
-
     def aggregate(self, payloads: list[Payload]) -> dict[str, torch.Tensor]:
         """The aggregated update in this replica's parameter shapes (see aggregate.py). Holds the whole update
         (float32, the size of the weights); `aggregate_and_apply` does not."""
-        return aggregate_distro(payloads, self.plan, average_over=self.config.average_over, region=self._region(),
+        return aggregate_distro(payloads, self.plan, average_over=self.config.average_over, region=self.region,
                                 tile_bytes=self.tile_bytes)
 
     def apply(self, update: dict[str, torch.Tensor], step: int) -> None:
@@ -208,19 +180,18 @@ class DistroOptimizer:
         lr = self.schedule.lr(step)
         wd = self.config.weight_decay
         for tile in iter_distro_tiles(payloads, self.plan, average_over=self.config.average_over,
-                                      region=self._region(), tile_bytes=self.tile_bytes):
+                                      region=self.region, tile_bytes=self.tile_bytes):
             p = self.params[tile.name]
             decay = 1.0 - lr * wd if wd and p.dim() >= 2 else None
             _apply_one(p.data[tile.rows], tile.update, lr, decay, self.config.apply_mode)
             del tile  # free this band before the next one is computed
 
-    # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ replica state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"momentum/{n}": t.clone() for n, t in self.momentum.items()}
+        """Empty: DisTrO's apply reads no state (the momentum only shapes what this replica sends)."""
+        return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, shape in self.shapes.items():
-            t = state.get(f"momentum/{name}")
-            if t is None or tuple(t.shape) != shape:
-                raise ConfigError(f"optimizer state lacks momentum/{name} of shape {shape}")
-            self.momentum[name] = t.to(torch.float32).clone()
+        if state:
+            raise ConfigError(f"DisTrO's apply reads no optimizer state, but the state given holds "
+                              f"{sorted(state)[:3]}: is the checkpoint from an AdamW/Muon run?")

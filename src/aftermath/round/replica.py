@@ -1,6 +1,7 @@
-"""One replica of the model: the weights of one tier (or the universal weights), its optimizer, and the
-operations of a round that touch them: train a batch, encode the update, decode and apply the accepted set,
-hash the weights. Shared by clients (a sliced tier) and the coordinator (the universal replica).
+"""One replica of the model: the weights of one tier (or the universal weights) and the run's update rule for
+that tier, with the operations of a round that touch them: train a batch, encode the update, decode and apply
+the accepted set, hash the weights, save and restore the replica state. The client holds a sliced tier, the
+coordinator the universal replica; both build it with `Replica.build`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from aftermath.errors import ConfigError, PayloadError
 from aftermath.model import MatFormerConfig, MatFormerLM, TierSpec, param_shapes
-from aftermath.optim import (DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer, Payload, decode_payload)
+from aftermath.optim import DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer, Payload, PayloadCodec
+from aftermath.optim.rule import UpdateRule
 from aftermath.runconfig import RunConfig
 
 
@@ -35,6 +37,21 @@ def optimizer_config(run: RunConfig) -> DistroConfig | DenseConfig:
         raise ConfigError(f"[optimizer.{section}] has a key the {opt.name} optimizer does not know: {exc}") from exc
 
 
+def build_update_rule(run: RunConfig, universal: MatFormerConfig, spec: TierSpec,
+                      params: dict[str, torch.Tensor]) -> UpdateRule:
+    """The run's update rule (keyed by optimizer.name) for a replica of `spec` holding `params`."""
+    config = optimizer_config(run)
+    if isinstance(config, DistroConfig):
+        return DistroOptimizer(config, universal, spec, params)
+    return DenseOptimizer(config, universal, spec, params)
+
+
+def build_codec(run: RunConfig, universal: MatFormerConfig) -> PayloadCodec:
+    """The codec that checks the run's payloads from its geometry alone (no model, no optimizer state)."""
+    config = optimizer_config(run)
+    return PayloadCodec.for_model(universal, config.wire(), config.chunk, config.min_chunk)
+
+
 def weights_sha256(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:
     """The replica hash: sha256 over the tensors in sorted-name order, each as its UTF-8 name followed by its
     raw little-endian bytes (in `dtype` if given, the checkpoint's dtype). Recomputable from a tier directory."""
@@ -53,10 +70,8 @@ def weights_sha256(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None =
 def region_state(model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec) -> dict[str, torch.Tensor]:
     """The tensors of `spec` held by `model` (sliced views when the model is wider than the spec)."""
     state = {n: p.detach() for n, p in model.named_parameters()}
-    out = {}
-    for name, shape in param_shapes(universal, spec).items():
-        out[name] = state[name][tuple(slice(0, s) for s in shape)]
-    return out
+    return {name: state[name][tuple(slice(0, s) for s in shape)]
+            for name, shape in param_shapes(universal, spec).items()}
 
 
 @dataclass
@@ -69,21 +84,25 @@ class TrainResult:
 
 
 class Replica:
-    """A model holding `spec`'s weights (or wider: the universal model) and the run's optimizer for `spec`."""
+    """A model holding `spec`'s weights (or wider: the universal model) and the run's update rule for `spec`."""
 
     def __init__(self, model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec, run: RunConfig,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 rule: UpdateRule, dtype: torch.dtype = torch.float32) -> None:
         self.model = model
         self.universal = universal
         self.spec = spec
         self.run = run
+        self.rule = rule
         self.dtype = dtype  # the checkpoint dtype the replica hash is taken in
-        self.opt_config = optimizer_config(run)
-        params = {n: p.data for n, p in model.named_parameters()}
-        if isinstance(self.opt_config, DistroConfig):
-            self.optimizer: DistroOptimizer | DenseOptimizer = DistroOptimizer(self.opt_config, universal, spec, params)
-        else:
-            self.optimizer = DenseOptimizer(self.opt_config, universal, spec, params)
+
+    @classmethod
+    def build(cls, model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec, run: RunConfig,
+              state: dict[str, torch.Tensor] | None = None) -> "Replica":
+        """The replica of `spec` around `model`, with the replica state of a checkpoint when given."""
+        rule = build_update_rule(run, universal, spec, {n: p.data for n, p in model.named_parameters()})
+        if state is not None:
+            rule.load_state_dict(state)
+        return cls(model, universal, spec, run, rule)
 
     # ------------------------------------------------------------------ training
     def train(self, batch: torch.Tensor, micro_batch_size: int) -> TrainResult:
@@ -106,36 +125,27 @@ class Replica:
                            seconds=time.perf_counter() - start)
 
     def encode(self, grads: dict[str, torch.Tensor | None], step: int, client_id: str) -> bytes:
-        # the optimizer state (momentum) lives on the CPU, whatever device trains
+        # the sender state (DisTrO's momentum) lives on the CPU, whatever device trains
         cpu = {n: None if g is None else g.detach().cpu() for n, g in grads.items()}
-        return self.optimizer.encode(cpu, step, self.run.run_id, client_id)
+        return self.rule.encode(cpu, step, self.run.run_id, client_id)
 
     # ------------------------------------------------------------------ receiving
-    def decode(self, data: bytes, step: int, client_id: str, spec: TierSpec) -> Payload:
-        """Validate and decode one peer's payload (raises PayloadError naming what is wrong)."""
-        expectation = self.optimizer.expectation(self.run.run_id, step, client_id=client_id, spec=spec,
-                                                 max_bytes=self.run.network.max_blob_bytes)
-        return decode_payload(data, expectation)
-
-    def aggregate(self, payloads: list[Payload], step: int) -> dict[str, torch.Tensor]:
-        """The round's aggregated update in this replica's shapes (independent of the payloads' order)."""
-        if payloads and any(p.step != step for p in payloads):
-            raise PayloadError(f"a payload of another step was given to aggregate step {step}")
-        return self.optimizer.aggregate(sorted(payloads, key=lambda p: p.client_id))
-
-    def apply_update(self, update: dict[str, torch.Tensor], step: int) -> None:
-        device = next(self.model.parameters()).device
-        self.optimizer.apply({n: u.to(device) for n, u in update.items()}, step)
+    def decode(self, data: bytes, step: int, client_id: str, spec: TierSpec | None) -> Payload:
+        """Validate and decode one peer's payload (raises PayloadError naming what is wrong). `spec` None: a
+        Mix'n'Match sender, whose spec travels in the payload."""
+        return self.rule.codec.decode(data, self.run.run_id, step, client_id, spec, self.run.network.max_blob_bytes)
 
     def apply(self, payloads: list[Payload], step: int) -> None:
-        """Aggregate the round's accepted set and apply it (the same bits on every replica)."""
-        if isinstance(self.optimizer, DistroOptimizer):  # streamed: never holds the whole update
-            if payloads and any(p.step != step for p in payloads):
-                raise PayloadError(f"a payload of another step was given to aggregate step {step}")
-            self.optimizer.aggregate_and_apply(sorted(payloads, key=lambda p: p.client_id), step)
-            return
-        self.apply_update(self.aggregate(payloads, step), step)
+        """Aggregate the round's accepted set and apply it (the same bits on every replica, whatever the order
+        the payloads are given in). On a PayloadError nothing has been applied."""
+        if any(p.step != step for p in payloads):
+            raise PayloadError(f"a payload of another step was given to aggregate step {step}")
+        self.rule.aggregate_and_apply(sorted(payloads, key=lambda p: p.client_id), step)
 
-    # ------------------------------------------------------------------ identity
+    # ------------------------------------------------------------------ identity and state
     def weights_sha256(self, spec: TierSpec | None = None) -> str:
         return weights_sha256(region_state(self.model, self.universal, spec or self.spec), self.dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The replica state beyond the weights: what the update rule's apply reads (see aftermath.optim.rule)."""
+        return self.rule.state_dict()

@@ -1,0 +1,41 @@
+"""The run's summary (`summary.json`, GET /summary), written once the run has finished."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aftermath.coordinator.replicas import ReplicaChecks
+from aftermath.coordinator.state import RunStateMachine
+from aftermath.round.protocol import ClientSummary, RunSummary, TierResult
+
+
+def _last_hash(machine: RunStateMachine, client_id: str) -> str | None:
+    for epoch in sorted(machine.hash_reports, reverse=True):
+        if client_id in machine.hash_reports[epoch]:
+            return machine.hash_reports[epoch][client_id].weights_sha256
+    return None
+
+
+def build_summary(run_id: str, machine: RunStateMachine, checks: ReplicaChecks,
+                  val_history: list[dict[str, Any]], *, rejected: int, rate_limited: int,
+                  checkpoint: str) -> RunSummary:
+    clients = []
+    for cid, member in sorted(machine.members.items()):
+        stats = member.stats
+        clients.append(ClientSummary(
+            id=cid, tier=member.info.tier, spec=member.info.spec, status=member.status,
+            final_loss=stats.get("loss"), weights_sha256=_last_hash(machine, cid),
+            bytes_up=stats.get("bytes_up", 0), bytes_down=stats.get("bytes_down", 0),
+            rounds_contributed=member.rounds_contributed, tokens=stats.get("tokens", 0),
+            tokens_per_s=stats.get("tokens_per_s")))
+    final_val = val_history[-1]["val_loss"] if val_history else {}
+    first_val = val_history[0]["val_loss"] if val_history else {}
+    tiers = {}
+    for name, loss in final_val.items():
+        key = name[4:] if name.startswith("tier") and name[4:].isdigit() else name
+        tiers[key] = TierResult(val_loss=loss, initial_val_loss=first_val.get(name))
+    return RunSummary(run_id=run_id, steps=machine.step, epochs=machine.epoch + 1,
+                      replicas_consistent=checks.consistent(), hashes_checked=checks.checked,
+                      divergences=checks.divergences, unrecovered=checks.unrecovered(), clients=clients,
+                      tiers=tiers, rejected=rejected, rate_limited=rate_limited, val_history=val_history,
+                      checkpoint=checkpoint)

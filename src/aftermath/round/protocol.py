@@ -1,0 +1,312 @@
+"""The protocol of a run: every message between the coordinator and its clients, as pydantic models defined
+once. Requests are validated by the coordinator (extra keys refused; `/openapi.json` is generated from these
+models); answers and the state snapshot are built by the coordinator and parsed by the client, the testnet,
+the dashboard and the tests. `RoundRecord` is the client's per-round metrics line.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+MAX_STATS = 32
+Phase = Literal["WaitingForMembers", "Warmup", "RoundTrain", "RoundWitness", "Cooldown", "Finished"]
+MemberStatus = Literal["pending", "member", "gone"]
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def check_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """A client's self-reported stats: a few flat, finite, short values (never nested: bounded memory)."""
+    if len(stats) > MAX_STATS:
+        raise ValueError(f"at most {MAX_STATS} stats, got {len(stats)}")
+    for key, value in stats.items():
+        if len(key) > 64 or not isinstance(value, (int, float, str, type(None))) or isinstance(value, bool):
+            raise ValueError(f"stat {key[:64]!r} must be a number, a short string or null")
+        if isinstance(value, str) and len(value) > 256:
+            raise ValueError(f"stat {key!r} is longer than 256 characters")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"stat {key!r} is not finite")
+    return stats
+
+
+class WithStats(Message):
+    stats: dict[str, Any] = Field(default_factory=dict, description="the client's loss, bytes, tokens/s, memory")
+    _stats = field_validator("stats")(check_stats)
+
+
+# ------------------------------------------------------------------------------------------ requests
+class JoinRequest(Message):
+    token: str = Field(max_length=256)
+    name: str = Field("", max_length=48, pattern=r"^[A-Za-z0-9_.-]*$")
+    tier: StrictInt | None = Field(None, ge=0, le=64)
+    spec: str | None = Field(None, max_length=1024)
+    device: str = Field("cpu", max_length=64)
+    memory_bytes: StrictInt = Field(0, ge=0, le=2**60)
+    throughput: float = Field(1.0, gt=0, le=1e9)
+    schema_hash: str = Field(max_length=128)
+    public_key: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                   description="the client's ed25519 public key (hex); commits must be signed with it")
+
+
+class HeartbeatRequest(WithStats):
+    pass
+
+
+class ReadyRequest(Message):
+    epoch: StrictInt = Field(ge=0)
+
+
+class CommitRequest(WithStats):
+    step: StrictInt = Field(ge=0)
+    blob: str = Field(pattern=SHA256)
+    sequences: StrictInt = Field(gt=0)
+    train_seconds: float = Field(ge=0, le=1e6)
+    loss: float
+    signature: str | None = Field(None, pattern=r"^[0-9a-f]{128}$",
+                                  description="ed25519 signature of the commitment (aftermath.crypto)")
+
+    @field_validator("loss")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("loss must be finite")
+        return value
+
+
+class AppliedRequest(Message):
+    step: StrictInt = Field(ge=0)
+
+
+class HashRequest(WithStats):
+    epoch: StrictInt = Field(ge=0)
+    step: StrictInt = Field(ge=0)
+    weights_sha256: str = Field(pattern=SHA256)
+
+
+REQUESTS: dict[str, type[Message]] = {m.__name__: m for m in (
+    JoinRequest, HeartbeatRequest, ReadyRequest, CommitRequest, AppliedRequest, HashRequest)}
+
+
+# ------------------------------------------------------------------------------------------ the state
+class MemberView(Message):
+    id: str
+    tier: int | None
+    spec: str
+    device: str
+    memory_bytes: int
+    status: MemberStatus
+    throughput: float
+    ready_epoch: int
+    rounds_contributed: int
+    last_seen: float
+    stats: dict[str, Any]
+    public_key: str
+    resync_epoch: int = Field(description="the epoch at whose end its replica was found to differ (-1: never)")
+
+
+class CommitView(Message):
+    blob: str
+    tier: int | None
+    spec: str
+    signature: str
+
+
+class AcceptedResult(Message):
+    """One result of a round's accepted set: every replica applies exactly these, sorted by client id."""
+
+    client_id: str
+    step: int
+    blob: str
+    tier: int | None
+    spec: str
+    sequences: int
+    train_seconds: float
+    loss: float
+    signature: str
+
+
+class RoundView(Message):
+    step: int
+    epoch: int
+    started_at: float
+    assignments: dict[str, tuple[int, int]] = Field(description="client id -> global sequences [start, end)")
+    committed: list[str]
+    commits: dict[str, CommitView]
+    accepted: list[AcceptedResult] | None = Field(description="published when the witness phase starts")
+    applied: list[str]
+
+
+class CheckpointPointer(Message):
+    epoch: int = Field(description="the last epoch whose checkpoint is written (-1: the initial model)")
+    step: int
+
+
+class StateSnapshot(Message):
+    """GET /state: the run as the state machine sees it (the round shown is the current or the last one)."""
+
+    version: int
+    run_id: str
+    phase: Phase
+    paused: bool
+    phase_started: float
+    deadline: float | None
+    seconds_left: float | None
+    epoch: int
+    step: int
+    total_steps: int
+    rounds_per_epoch: int
+    global_batch_size: int
+    round: RoundView | None
+    checkpoint: CheckpointPointer
+    members: list[MemberView]
+    finished: bool = Field(False, description="the summary is written")
+
+    def member(self, client_id: str) -> MemberView | None:
+        return next((m for m in self.members if m.id == client_id), None)
+
+
+# ------------------------------------------------------------------------------------------ answers
+class OkAnswer(Message):
+    ok: bool = True
+
+
+class HeartbeatAnswer(OkAnswer):
+    version: int
+
+
+class HashAnswer(OkAnswer):
+    match: bool | None = Field(description="equal to the coordinator's reference; None: not computed yet")
+    resync: bool = Field(description="the replica differs: reload the checkpoint at the next warmup")
+
+
+class RunInfo(Message):
+    run: dict[str, Any] = Field(description="the run config without the token (aftermath.runconfig.RunConfig)")
+    model_config_: dict[str, Any] = Field(alias="model_config", description="the universal MatFormerConfig")
+    schema_hash: str
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class JoinAnswer(RunInfo):
+    client_id: str
+    session: str = Field(description="send as 'Authorization: Bearer SESSION' on every later call")
+    spec: dict[str, Any]
+    status: MemberStatus
+    state: StateSnapshot
+
+
+class HealthAnswer(OkAnswer):
+    run_id: str
+    phase: Phase
+    step: int
+    epoch: int
+
+
+class CheckpointInfo(Message):
+    """checkpoint.json of the current checkpoint."""
+
+    run_id: str
+    epoch: int
+    step: int
+    schema_hash: str
+    optimizer: str
+    weights_sha256: dict[str, str] = Field(description="spec name -> replica hash")
+    val_loss: dict[str, float]
+    written_at: float
+
+
+class CheckpointAnswer(Message):
+    info: CheckpointInfo
+    model_dir: str
+    manifest: dict[str, Any] | None = Field(description="matformer_manifest.json of the universal model")
+
+
+class ErrorAnswer(Message):
+    error: str
+
+
+# ------------------------------------------------------------------------------------------ the summary
+class ClientSummary(Message):
+    id: str
+    tier: int | None
+    spec: str
+    status: MemberStatus
+    final_loss: float | None
+    weights_sha256: str | None = Field(description="its last reported replica hash")
+    bytes_up: int
+    bytes_down: int
+    rounds_contributed: int
+    tokens: int
+    tokens_per_s: float | None
+
+
+class HashMismatch(Message):
+    epoch: int
+    client_id: str
+    spec: str
+    reported: str
+    expected: str
+
+
+class TierResult(Message):
+    val_loss: float | None
+    initial_val_loss: float | None
+
+
+class RunSummary(Message):
+    """summary.json. `replicas_consistent` is true only when at least one replica hash was compared with the
+    coordinator's reference and every member's LAST compared hash matched: a replica that diverged and
+    recovered (a later hash matched) does not make it false; one that diverged and never matched again does,
+    and is listed in `unrecovered`."""
+
+    run_id: str
+    steps: int
+    epochs: int
+    replicas_consistent: bool
+    hashes_checked: int
+    divergences: list[HashMismatch] = Field(description="every hash that differed from the reference")
+    unrecovered: list[HashMismatch] = Field(description="clients whose last compared hash differed")
+    clients: list[ClientSummary]
+    tiers: dict[str, TierResult]
+    rejected: int
+    rate_limited: int
+    val_history: list[dict[str, Any]]
+    checkpoint: str
+
+
+# ------------------------------------------------------------------------------------------ metrics
+class RoundRecord(Message):
+    """The client's metrics line for one applied round (`event` = "round"), seconds and bytes."""
+
+    event: Literal["round"] = "round"
+    time: float | None = None
+    client_id: str
+    tier: int | None
+    spec: str
+    step: int
+    phase: Phase = "RoundWitness"
+    loss: float | None = Field(description="its training loss this round (None: it trained nothing)")
+    tokens: int
+    sequences: int
+    tokens_per_s: float | None
+    bytes_up: int
+    bytes_down: int
+    peak_memory: int
+    payload_bytes: int | None
+    accepted: int = Field(description="results in the accepted set it applied")
+    t_data: float | None = Field(description="fetching its batch's tokens")
+    t_train: float | None = Field(description="forward/backward")
+    t_encode: float | None = Field(description="encoding its payload")
+    t_upload: float | None = Field(description="blob upload and commit")
+    t_prefetch: float = Field(description="fetching and decoding peers' results while the round waited")
+    prefetched: int
+    t_download: float = Field(description="fetching the rest of the accepted set")
+    t_decode: float
+    t_aggregate: float = Field(description="aggregate + apply")
+    faults: dict[str, int]
