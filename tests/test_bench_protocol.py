@@ -71,11 +71,16 @@ def test_overhead_measures(tmp_path: Path) -> None:
 
     metrics = tmp_path / "metrics"
     metrics.mkdir()
+    from aftermath.round.protocol import RoundRecord
+
     lines = []
     for step in range(4):  # round k ends at time 10 + 2k: 2 s per round, 1.5 s of it forward/backward
-        lines.append({"time": 10.0 + 2 * step, "client_id": "client-0", "tier": 1, "event": "round", "step": step,
-                      "tokens": 1280, "t_data": 0.01, "t_train": 1.5, "t_encode": 0.1, "t_upload": 0.05,
-                      "t_prefetch": 0.0, "t_download": 0.02, "t_decode": 0.01, "t_aggregate": 0.2})
+        # the record the client writes (its model), so this test cannot drift from the client's format
+        lines.append(RoundRecord(
+            time=10.0 + 2 * step, client_id="client-0", tier=1, spec="tier1", step=step, loss=5.0, tokens=1280,
+            sequences=10, tokens_per_s=853.3, bytes_up=0, bytes_down=0, peak_memory=0, payload_bytes=100,
+            accepted=1, t_data=0.01, t_train=1.5, t_encode=0.1, t_upload=0.05, t_prefetch=0.0, prefetched=0,
+            t_download=0.02, t_decode=0.01, t_aggregate=0.2, faults={}).model_dump())
     lines.insert(1, {"time": 10.5, "client_id": "client-0", "event": "heartbeat"})  # other records are skipped
     (metrics / "client-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (row,) = overhead.network_rates(tmp_path)

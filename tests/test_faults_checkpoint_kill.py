@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -52,13 +51,19 @@ def test_kill_while_writing_checkpoints_leaves_a_valid_one(tmp_path):
     run_dir.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env)
+    tmp = run_dir / ".checkpoint-tmp" / MODEL_DIR
     try:
         assert proc.stdout.readline().strip() == "ready"
         assert proc.stdout.readline().startswith("wrote 0")
-        time.sleep(random.Random(0).uniform(0.3, 1.5))  # somewhere inside a later write
+        # strike while the next checkpoint is half written: its weights are on disk, its manifest is not yet
+        deadline = time.monotonic() + 60
+        while not (tmp.is_dir() and any(tmp.glob("model.safetensors")) and not (tmp / "matformer_manifest.json").exists()):
+            assert time.monotonic() < deadline, "the writer never got inside a write"
+            time.sleep(0.001)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert (run_dir / ".checkpoint-tmp").exists() or (run_dir / ".checkpoint-old").exists()  # the kill hit a write
     step = check_valid(run_dir)
     assert step >= 0
 

@@ -3,6 +3,7 @@
 import pytest
 
 from aftermath.errors import ConfigError, TierError
+from aftermath.model.transformer import MatFormerLM
 from aftermath.model import (
     MatFormerConfig,
     max_tier,
@@ -46,11 +47,14 @@ def test_param_shapes_are_prefix_regions():
         assert all(a <= b for a, b in zip(t1[name], full[name]))
 
 
-def test_parameter_counts_shrink_with_tier():
+def test_parameter_counts_shrink_with_tier_and_match_the_sliced_models():
     cfg = preset_config("tiny")
     counts = [parameter_count(cfg, tier_spec(cfg, t)) for t in range(4)]
-    assert counts == sorted(counts, reverse=True)
-    assert counts[0] == parameter_count(cfg)
+    # counted independently: the parameters of the model each tier's sliced config builds
+    built = [sum(p.numel() for p in MatFormerLM(sliced_config(cfg, tier_spec(cfg, t))).parameters()) for t in range(4)]
+    assert counts == built
+    assert all(a > b for a, b in zip(counts, counts[1:]))  # every tier is strictly smaller (its FFN halves)
+    assert counts[0] == sum(p.numel() for p in MatFormerLM(cfg).parameters())
 
 
 def test_mix_n_match_spec():

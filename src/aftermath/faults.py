@@ -1,6 +1,7 @@
 """Fault injection for the client's transport: latency, loss and a bandwidth limit, seeded and counted.
 
-`Transport._send` (the one place a client request leaves) asks the injector before every request:
+`Transport._send` (where every request to the coordinator leaves) asks the injector before every request, and
+`Transport.gate` before every token batch fetched from the data server (latency and loss only):
 
     await faults.before_request(kind, up_bytes)   # latency (base + jitter), then maybe drop, then throttle upload
     await faults.after_response(down_bytes)        # throttle the download

@@ -42,7 +42,8 @@ class ScheduleSection(_Section):
     max_round_train_time: float = Field(60.0, gt=0, description="a round's training ends at this timeout even if "
                                         "results are missing (missing results are skipped by everyone)")
     round_witness_time: float = Field(60.0, gt=0, description="longest time for every member to apply the round's "
-                                      "accepted set; a member that has not applied by then is dropped")
+                                      "accepted set; a member that has not applied by then leaves the epoch and "
+                                      "reloads the checkpoint at the next one")
     cooldown_time: float = Field(60.0, gt=0, description="longest wait at an epoch end for the replica hash reports")
     rounds_per_epoch: int = Field(20, ge=1, description="rounds (optimizer steps) per epoch; a checkpoint ends each")
     epoch_time: float = Field(0.0, ge=0, description="if > 0, an epoch also ends after this many seconds")

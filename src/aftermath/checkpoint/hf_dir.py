@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from aftermath.checkpoint.streaming import tensor_locations
 from aftermath.errors import CheckpointError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.transformer import MatFormerLM
@@ -20,28 +20,9 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def weight_files(directory: str | Path) -> list[Path]:
-    """The safetensors files of a model directory, single-file or sharded (in index order)."""
-    directory = Path(directory)
-    index = directory / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
-        files = sorted(set(weight_map.values()))
-        paths = [directory / f for f in files]
-    else:
-        paths = [directory / SINGLE_FILE]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise CheckpointError(f"missing weight file(s) {missing} in {directory}")
-    return paths
-
-
 def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files(directory):
+    for path in sorted(set(tensor_locations(directory).values())):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():

@@ -1,7 +1,8 @@
 """The coordinator's persisted state: `RUN_DIR/state.json`, written atomically at every epoch end and at the end.
 
-It holds what a restarted coordinator needs to resume from the last checkpoint (run id, epoch, step, i.e. the
-data position step * global_batch_size) and the run's history (hash reports, validation losses).
+It holds what a restarted coordinator needs to resume from the last checkpoint (run id, epoch, step, the data
+position: the first global sequence of that step), the config it ran under (a changed one is refused, resume.py),
+and the history a restart restores: validation losses, reference hashes, hash reports and divergences.
 """
 
 from __future__ import annotations

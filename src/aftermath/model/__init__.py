@@ -11,7 +11,6 @@ from aftermath.model.geometry import (
     parameter_count,
     parse_spec,
     region_slices,
-    resolve_spec,
     sliced_config,
     tier_spec,
 )
@@ -19,6 +18,6 @@ from aftermath.model.transformer import MatFormerLM, build_model
 
 __all__ = [
     "PRESETS", "MatFormerConfig", "preset_config", "LayerGeometry", "TierSpec", "max_tier", "mix_spec",
-    "own_spec", "param_shapes", "parameter_count", "parse_spec", "region_slices", "resolve_spec",
+    "own_spec", "param_shapes", "parameter_count", "parse_spec", "region_slices",
     "sliced_config", "tier_spec", "MatFormerLM", "build_model",
 ]

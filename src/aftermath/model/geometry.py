@@ -181,19 +181,6 @@ def own_spec(config: MatFormerConfig) -> TierSpec:
     return TierSpec(name=name, tier=tier, layers=layers, head_dim=config.head_dim)
 
 
-def resolve_spec(config: MatFormerConfig, tier: int | None = None, spec: str | TierSpec | None = None) -> TierSpec:
-    """A tier number, a `NAME=w0,...` string, a TierSpec, or nothing (the model's own geometry)."""
-    if spec is not None and tier is not None:
-        raise TierError("give a tier or a spec, not both")
-    if isinstance(spec, TierSpec):
-        return spec
-    if isinstance(spec, str):
-        return parse_spec(config, spec)
-    if tier is not None:
-        return tier_spec(config, tier)
-    return own_spec(config)
-
-
 # ------------------------------------------------------------------------------------- parameter shapes
 def param_shapes(config: MatFormerConfig, spec: TierSpec | None = None) -> dict[str, tuple[int, ...]]:
     """Shape of every parameter of the model at `spec` (default: the model's own geometry).

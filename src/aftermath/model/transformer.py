@@ -196,10 +196,6 @@ class MatFormerLM(nn.Module):
         logits = self(input_ids, spec)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    def trained_parameters(self) -> dict[str, nn.Parameter]:
-        """Parameters by their checkpoint name (a tied lm_head is not a separate parameter)."""
-        return dict(self.named_parameters())
-
 
 def build_model(config: MatFormerConfig, seed: int | None = None) -> MatFormerLM:
     model = MatFormerLM(config)

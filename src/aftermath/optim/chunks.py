@@ -76,14 +76,6 @@ class ParamChunking:
         """Coefficients kept per chunk: the configured top-k, at most the chunk's size."""
         return min(topk, self.chunk_numel)
 
-    def universal_chunk_ids(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """Id in the universal chunk grid of every chunk of the region `shape`, in the region's own order."""
-        grid = self.grid(shape)
-        if len(grid) == 1:
-            return torch.arange(grid[0])
-        universal_cols = self.universal_shape[1] // self.chunk[1]
-        return (torch.arange(grid[0])[:, None] * universal_cols + torch.arange(grid[1])[None, :]).reshape(-1)
-
     def check_region(self, shape: tuple[int, ...], who: str) -> None:
         if len(shape) != len(self.universal_shape) or any(s > u for s, u in zip(shape, self.universal_shape)):
             raise ConfigError(f"{who}: {self.name} has shape {shape}, which does not fit in the universal "
