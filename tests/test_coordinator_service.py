@@ -228,3 +228,24 @@ def test_restart_resumes_from_the_persisted_state_and_refuses_a_finished_run(tmp
     save_state(run_dir, {"run_id": "other", "epoch": 0, "step": 0, "finished": False})
     with pytest.raises(ConfigError, match="holds run 'other'"):
         CoordinatorService(run_config(), run_dir, token=TOKEN)
+
+
+def test_hostile_bodies_and_paths_are_a_400_not_a_500(tmp_path):
+    async def body(service, s, url):
+        schema = schema_hash(preset_config("tiny"))
+        # 120,000 nested arrays: the JSON parser's recursion limit, answered, not crashed
+        data = await expect_4xx(s, "POST", f"{url}/join", 400, data=b"[" * 120_000 + b"]" * 120_000)
+        assert "nests too deeply" in data["error"]
+        deep = b'{"token": "x", "stats": ' + b'{"a": ' * 30_000 + b"1" + b"}" * 30_000 + b"}"
+        await expect_4xx(s, "POST", f"{url}/join", 400, data=deep)
+        # a boolean is not a tier (JSON true must not pass as tier 1)
+        data = await expect_4xx(s, "POST", f"{url}/join", 400,
+                                json={"token": TOKEN, "tier": True, "schema_hash": schema})
+        assert "tier" in data["error"]
+        # a 5,000-character file name: refused before the file system sees it
+        data = await expect_4xx(s, "GET", f"{url}/checkpoint/files/{'a' * 5000}", 400)
+        assert "255" in data["error"]
+        async with s.get(f"{url}/health") as r:  # still serving
+            assert r.status == 200
+
+    serve(tmp_path, body)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
 from rich.console import Console
@@ -72,3 +77,45 @@ def test_outputs_metrics_and_plot(testnet_run):
             assert rounds[-1][key] is not None, key
         losses = [r["loss"] for r in rounds]
         assert losses[-1] < losses[0]
+
+
+def test_out_that_is_not_empty_is_refused_without_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # an earlier run's result
+    result = subprocess.run([sys.executable, "-m", "aftermath.cli", "testnet", "--out", str(out), "--no-live"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(out) in lines[0] and "--force" in lines[0]
+    assert (out / "summary.json").read_text() == "{}"
+
+
+def test_sigterm_stops_the_coordinator_and_the_clients(tmp_path):
+    out = tmp_path / "out"
+    testnet = subprocess.Popen([sys.executable, "-m", "aftermath.cli", "testnet", "--clients", "2", "--tiers", "0,1",
+                                "--steps", "40", "--out", str(out), "--no-live", "--timeout", "120"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(testnet.pid)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "coordinator.json").is_file():  # the coordinator listens; the clients are started
+            assert testnet.poll() is None, testnet.stderr.read()
+            assert time.monotonic() < deadline, "the testnet's coordinator did not come up"
+            time.sleep(0.2)
+        children = parent.children(recursive=True)
+        assert len(children) >= 3  # the coordinator and two clients
+        testnet.send_signal(signal.SIGTERM)
+        code = testnet.wait(timeout=20)
+        stderr = testnet.stderr.read()
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"orphaned: {[p.cmdline() for p in alive]}"
+        assert code != 0 and "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1] == "interrupted"
+    finally:
+        for proc in [*children, parent]:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass

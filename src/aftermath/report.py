@@ -18,9 +18,9 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from aftermath.dashboard.history import RunHistory
+from aftermath.dashboard.history import DenseBytes, RunHistory
 from aftermath.errors import ConfigError
 from aftermath.metrics import read_metrics
 
@@ -38,25 +38,20 @@ class Report:
     samples: dict[str, str] = field(default_factory=dict)
 
 
-def _dense_bytes_function(run_dir: Path, history: RunHistory):
+def _dense_bytes_function(run_dir: Path, history: RunHistory) -> Callable[[str], int | None]:
     """client id -> bytes of its update as dense fp32, from the checkpoint's config and the client's tier."""
-    from aftermath.model import MatFormerConfig, parameter_count, tier_spec
+    from aftermath.model import MatFormerConfig, tier_spec
 
     config_dir = run_dir / "checkpoint" / "model"
     if not (config_dir / "config.json").is_file():
         return lambda cid: None
     config = MatFormerConfig.load(config_dir)
-    cache: dict[int, int] = {}
 
-    def dense(cid: str) -> int | None:
+    def spec_of(cid: str):
         tier = history.client_tier.get(cid, (None, ""))[0]
-        if tier is None:
-            return None
-        if tier not in cache:
-            cache[tier] = 4 * parameter_count(config, tier_spec(config, tier))
-        return cache[tier]
+        return None if tier is None else tier_spec(config, tier)
 
-    return dense
+    return DenseBytes(config, spec_of)
 
 
 def load_history(run_dir: Path) -> RunHistory:
@@ -86,6 +81,37 @@ def client_series(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ plots
+def _loss_axes(ax: Any, history: RunHistory, color: Callable[[str], str]) -> None:
+    """Training loss per tier over steps, validation loss per tier at each checkpoint."""
+    train, val = history.train_series(), history.val_series()
+    for label, pts in train.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color(label), label=f"{label} train")
+    for label, pts in val.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--", color=color(label), label=f"{label} validation")
+    if not train and not val:
+        ax.text(0.5, 0.5, "no rounds recorded", ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Loss per tier")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend(fontsize=8)
+
+
+def plot_loss(run_dir: Path, path: Path) -> Path:
+    """The loss plot of a run directory alone (the testnet's OUT/loss.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors: dict[str, str] = {}
+    _loss_axes(ax, load_history(run_dir), lambda label: colors.setdefault(label, f"C{len(colors) % 10}"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _plots(run_dir: Path, history: RunHistory, clients: dict[str, dict[str, Any]]) -> dict[str, Path]:
     import matplotlib
 
@@ -109,17 +135,7 @@ def _plots(run_dir: Path, history: RunHistory, clients: dict[str, dict[str, Any]
         ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    train, val = history.train_series(), history.val_series()
-    for label, pts in train.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color(label), label=f"{label} train")
-    for label, pts in val.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--", color=color(label), label=f"{label} validation")
-    if not train and not val:
-        empty(ax, "no rounds recorded")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Loss per tier")
-    ax.grid(alpha=0.3)
-    if train or val:
-        ax.legend(fontsize=8)
+    _loss_axes(ax, history, color)
     save(fig, "loss")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))

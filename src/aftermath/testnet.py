@@ -41,6 +41,7 @@ from rich.text import Text
 from aftermath.errors import AftermathError, ConfigError
 from aftermath.faults import FaultConfig
 from aftermath.metrics import read_metrics
+from aftermath.report import plot_loss
 
 OWNED = ("checkpoint", "metrics", "blobs", "logs", "summary.json", "loss.png", "state.json", ".checkpoint-tmp",
          ".checkpoint-old", ".clients", "coordinator.json", "report.html", "report-loss.png",
@@ -207,7 +208,7 @@ class Testnet:
         if self.coordinator_kills:
             summary["coordinator_restarts"] = self.coordinator_kills
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-        plot_losses(self.out, self.out / "loss.png")
+        plot_loss(self.out, self.out / "loss.png")
         self._write_report()
         shutil.rmtree(self.out / ".clients", ignore_errors=True)
         ready_file.unlink(missing_ok=True)
@@ -395,42 +396,3 @@ def _size(n: int | float | None) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1000
     return f"{n:.1f}TB"
-
-
-def plot_losses(out: Path, path: Path) -> Path:
-    """Training loss per tier over steps (mean of that tier's clients) and validation loss at epoch ends."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per_tier: dict[str, dict[int, list[float]]] = {}
-    for metrics in sorted((out / "metrics").glob("client-*.jsonl")):
-        for rec in read_metrics(metrics):
-            if rec.get("event") == "round" and rec.get("loss") is not None:
-                per_tier.setdefault(str(rec.get("spec")), {}).setdefault(rec["step"], []).append(rec["loss"])
-    val: dict[str, list[tuple[int, float]]] = {}
-    coordinator = out / "metrics" / "coordinator.jsonl"
-    if coordinator.is_file():
-        for rec in read_metrics(coordinator):
-            if rec.get("event") == "checkpoint":
-                for name, loss in (rec.get("val_loss") or {}).items():
-                    val.setdefault(name, []).append((rec["step"], loss))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {}
-    for i, (name, steps) in enumerate(sorted(per_tier.items())):
-        xs = sorted(steps)
-        line, = ax.plot(xs, [sum(steps[x]) / len(steps[x]) for x in xs], label=f"{name} train", alpha=0.8)
-        colors[name] = line.get_color()
-    for name, points in sorted(val.items()):
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, "o--", color=colors.get(name), label=f"{name} validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("MatFormer testnet: loss per tier")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

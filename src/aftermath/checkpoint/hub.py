@@ -2,7 +2,8 @@
 
 A source `OWNER/REPO` has its model (and manifest) at the repo root; `OWNER/REPO/FOLDER` has them in FOLDER,
 which lets one repo hold a model directory and its tier siblings exactly as `export-tiers` lays them out
-(publish the folder that holds `m/` and `m-tier1/`, load `OWNER/REPO/m`).
+(publish the folder that holds `m/` and `m-tier1/`, load `OWNER/REPO/m`). A string that reads as a local path
+(`looks_local`) is never sent to the hub; `hf://OWNER/REPO` is always a repo id.
 
 Selection: for tier > 0, the manifest, that tier's files and the common files (`allow_patterns`); for tier 0
 or the universal strategy, everything under the model's folder except the files only other tiers use.
@@ -40,6 +41,17 @@ def parse_source(source: str) -> HubSource | None:
         return None
     parts = text.split("/")
     return HubSource("/".join(parts[:2]), "/".join(parts[2:]))
+
+
+def looks_local(source: str) -> bool:
+    """Whether `source` names a local path: it starts with /, ./, ../ or ~, or its first component is a local
+    directory (`runs/m` beside `runs/`). Such a source that does not exist is a typo, not a repo id to retry."""
+    text = source.strip()
+    if text.startswith("hf://"):
+        return False
+    if text in (".", "..") or text.startswith(("/", "./", "../", "~")):
+        return True
+    return Path(text.split("/", 1)[0]).is_dir()
 
 
 def offline() -> bool:

@@ -70,8 +70,9 @@ def resolve_checkpoint(source: str | Path, tier: int | None = None, spec: str | 
                        cache_dir: str | Path | None = None) -> ResolvedCheckpoint:
     """Decide what to load for `tier` (or Mix'n'Match `spec`: `NAME=w0,...` or a name the manifest lists).
 
-    `source` is a local model directory or a hub repo id (`OWNER/REPO[/FOLDER]`). With neither tier nor spec,
-    the checkpoint's own geometry is loaded. Files are verified here; errors are CheckpointError/TierError.
+    `source` is a local model directory (a Path, or a string `hub.looks_local` reads as a path) or a hub repo id
+    (`OWNER/REPO[/FOLDER]`). With neither tier nor spec, the checkpoint's own geometry is loaded. Files are
+    verified here; errors are CheckpointError/TierError.
     """
     if strategy not in STRATEGIES:
         raise CheckpointError(f"strategy {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
@@ -83,6 +84,10 @@ def resolve_checkpoint(source: str | Path, tier: int | None = None, spec: str | 
             raise CheckpointError(f"{path} is a file; give the model directory that holds config.json")
         path = path.absolute()
         return _resolve_dir(str(source), path, path.parent, tier, spec, strategy)
+    if isinstance(source, Path) or hub.looks_local(source):  # fail now: the hub would retry a typo for ~25 s
+        hint = f"; write hf://{source} to fetch that repo" if hub.parse_source(str(source)) else ""
+        raise CheckpointError(f"no such directory: {source}; check the path (it is neither a local directory nor a "
+                              f"hub repo id, which looks like owner/name{hint})")
     src = hub.parse_source(str(source))
     if src is None:
         raise CheckpointError(f"{source} is neither a local directory nor a hub repo id (OWNER/REPO[/FOLDER])")

@@ -38,7 +38,7 @@ from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.manifest import Manifest
 from aftermath.checkpoint.optimizer_state import OPTIMIZER_STATE_FILE, load_optimizer_state
 from aftermath.checkpoint.schema import schema_hash
-from aftermath.client.hooks import RoundHooks, TestHooks, parse_crash_at
+from aftermath.client.hooks import RoundHooks, TestHooks
 from aftermath.client.transport import CoordinatorError, Transport, Unreachable
 from aftermath.crypto import SignatureError, Signer, verify_commitment
 from aftermath.errors import AftermathError, CheckpointError, ConfigError
@@ -67,8 +67,7 @@ class ClientOptions:
     work_dir: Path = Path(".aftermath-client")
     metrics_path: Path | None = None
     threads: int | None = None  # default: the run's train.threads
-    join_timeout: float = 120.0  # keep trying to reach the coordinator this long at start
-    give_up_after: float = 300.0  # end with an error when the coordinator stays unreachable this long
+    give_up_after: float = 300.0  # end with an error when the coordinator stays unreachable this long (at start too)
     on_update: Callable[[dict[str, Any]], None] | None = None  # called with each metrics record
     faults: FaultConfig | None = None  # injected latency, loss, bandwidth (aftermath.faults)
     crash_at: tuple[int, str] | None = None  # test hook: SIGKILL itself at (step, phase) (aftermath.client.hooks)
@@ -184,9 +183,10 @@ class TrainingClient:
                 return await self.transport.call_model("GET", "/run", None, RunInfo, auth=False)
             except (Unreachable, CoordinatorError) as exc:
                 waited = time.monotonic() - started
-                if waited > self.opts.join_timeout:
+                if waited > self.opts.give_up_after:
                     raise Unreachable(f"cannot reach the coordinator at {self.opts.coordinator} after "
-                                      f"{waited:.0f}s ({exc}); check the URL and that the coordinator runs") from exc
+                                      f"{waited:.0f}s ({exc}); check the URL and that the coordinator runs "
+                                      f"(giving up after --give-up-after {self.opts.give_up_after:g}s)") from exc
                 if time.monotonic() - said >= 10:
                     said = time.monotonic()
                     log.warning("waiting for the coordinator at %s (%.0fs so far): %s", self.opts.coordinator,

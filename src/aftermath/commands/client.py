@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from aftermath.commands.checks import check_http_url, non_negative_int, positive_float, positive_int
 from aftermath.errors import ConfigError
 
 
@@ -42,8 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", type=Path, help="write per-round metrics as JSON lines to this file")
     p.add_argument("--work-dir", type=Path, default=Path(".aftermath-client"),
                    help="where downloaded model files go (default ./.aftermath-client)")
-    p.add_argument("--threads", type=int, help="torch threads (default: the run's train.threads)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: the run's train.threads)")
     add_fault_arguments(p)
+    p.add_argument("--give-up-after", type=positive_float, default=300.0, metavar="SECONDS",
+                   help="end with an error when the coordinator stays unreachable this long (default 300)")
     p.add_argument("--crash-at", default=os.environ.get("AFTERMATH_CRASH_AT"), help=argparse.SUPPRESS)
     p.add_argument("--perturb-at", type=int, default=_env_int("AFTERMATH_PERTURB_AT"), help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -63,7 +66,7 @@ def add_fault_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop this fraction of requests and blob transfers (they are retried), e.g. 0.1")
     g.add_argument("--fault-bandwidth", type=float, default=0.0, metavar="BYTES_PER_S",
                    help="limit uploads and downloads to this many bytes per second each")
-    g.add_argument("--fault-seed", type=int, default=0, help="seed of the injected faults (default 0)")
+    g.add_argument("--fault-seed", type=non_negative_int, default=0, help="seed of the injected faults (default 0)")
 
 
 def fault_config_from_args(args: argparse.Namespace):
@@ -73,8 +76,10 @@ def fault_config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from aftermath.client.loop import ClientOptions, TrainingClient, parse_crash_at
+    from aftermath.client.hooks import parse_crash_at
+    from aftermath.client.loop import ClientOptions, TrainingClient
 
+    check_http_url(args.coordinator, "--coordinator")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     console = Console(stderr=True)
     if args.spec and args.tier not in ("0", None):
@@ -88,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             tier = int(args.tier)
         except ValueError:
             raise ConfigError(f"--tier {args.tier!r} must be a number or auto")
+        if tier < 0:
+            raise ConfigError(f"--tier {tier} must be 0 or more (0 = full width), or auto")
     device = args.device
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
@@ -95,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                             name=args.name, device=device, memory_limit=parse_memory(args.memory_limit),
                             work_dir=args.work_dir, metrics_path=args.metrics, threads=args.threads,
                             faults=fault_config_from_args(args), crash_at=parse_crash_at(args.crash_at),
-                            perturb_at=args.perturb_at)
+                            perturb_at=args.perturb_at, give_up_after=args.give_up_after)
     result = TrainingClient(options).run_blocking()
     loss = result.get("loss")
     console.print(f"[bold]{result['client_id']}[/bold] ({'tier ' + str(result['tier'])}) finished at step "

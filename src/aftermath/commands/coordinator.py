@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from aftermath.commands.checks import check_can_listen, check_writable_dir, port_or_any, positive_int
 from aftermath.runconfig import load_run_config
 
 
@@ -24,15 +25,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "embedded Shakespeare). It exits when the run has finished, after writing RUN_DIR/summary.json.")
     p.add_argument("--config", type=Path, help="run.toml (laid over the embedded default; see docs/running.md)")
     p.add_argument("--host", help="address to listen on (default: network.host, 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, help="port (default: network.port, 8700; 0 = any free port)")
+    p.add_argument("--port", type=port_or_any, help="port (default: network.port, 8700; 0 = any free port)")
     p.add_argument("--run-dir", type=Path, default=Path("run"),
                    help="directory for checkpoints, metrics, blobs and state (default ./run); an unfinished run "
                    "there is resumed from its last checkpoint")
     p.add_argument("--token", help="run token clients need to join (default: network.token, else a random one)")
     p.add_argument("--admin-token", help="token that pauses and resumes the run from the dashboard (default: a "
                    "random one, printed at start)")
-    p.add_argument("--steps", type=int, help="override schedule.total_steps")
-    p.add_argument("--min-clients", type=int, help="override schedule.min_clients and init_min_clients")
+    p.add_argument("--steps", type=positive_int, help="override schedule.total_steps")
+    p.add_argument("--min-clients", type=positive_int, help="override schedule.min_clients and init_min_clients")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume the run in --run-dir even though run.toml changed a field that shapes the run "
+                   "(seed, model, optimizer, data, batch, length); without it such a resume is refused")
     p.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)  # the testnet learns the URL from it
     p.set_defaults(func=run)
 
@@ -45,13 +49,17 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     config = load_run_config(args.config)
     overrides = {"schedule.total_steps": args.steps, "network.host": args.host, "network.port": args.port}
-    if args.min_clients:
+    if args.min_clients is not None:
         overrides.update({"schedule.min_clients": args.min_clients, "schedule.init_min_clients": args.min_clients})
     config = config.with_overrides(overrides)
+    # before anything is written or logged: a bad address or a taken port is one line, and the run is untouched
+    check_can_listen(config.network.host, config.network.port)
+    check_writable_dir(args.run_dir, "--run-dir")
     token = args.token or config.network.token or secrets.token_urlsafe(16)
     data_dir = Path(config.data.dir) if config.data.dir else default_data_dir()
     admin_token = args.admin_token or secrets.token_urlsafe(12)
-    service = CoordinatorService(config, args.run_dir, token=token, data_dir=data_dir, admin_token=admin_token)
+    service = CoordinatorService(config, args.run_dir, token=token, data_dir=data_dir, admin_token=admin_token,
+                                 force_resume=args.force_resume)
 
     def ready(url: str) -> None:
         public = config.network.public_url or url

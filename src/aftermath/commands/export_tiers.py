@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from aftermath.commands.checks import non_negative_int
 from aftermath.errors import CheckpointError
 
 
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: aftermath export-tiers --src runs/m --tiers 1 2 --spec mix=512,256,256,128",
     )
     p.add_argument("--src", required=True, type=Path, help="the universal model directory (with config.json)")
-    p.add_argument("--tiers", type=int, nargs="*", default=[], metavar="T",
+    p.add_argument("--tiers", type=non_negative_int, nargs="*", default=[], metavar="T",
                    help="nested tiers to export (tier t keeps FFN width base/2^t); 0 is the source itself")
     p.add_argument("--spec", action="append", default=[], metavar="NAME=w0,w1,...",
                    help="a Mix'n'Match spec: one FFN width per layer (repeatable)")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from aftermath.commands.checks import non_negative_int, positive_int
 from aftermath.errors import ConfigError
 from aftermath.model import PRESETS, build_model, parameter_count, preset_config
 
@@ -21,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="model size: tiny (~1.5M params, tests), small (~15M), gpt2-124m (default: tiny)")
     p.add_argument("--out", required=True, type=Path, help="directory to create")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
-    p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size (match your tokenizer)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--vocab-size", type=positive_int,
+                   help="override the preset's vocabulary size (match your tokenizer)")
     p.add_argument("--tokenizer", type=Path, help="directory or tokenizer.json to copy beside the weights")
     p.add_argument("--no-nest-heads", action="store_true", help="tiers keep every attention head (FFN tiers only)")
     p.add_argument("--activation", choices=["silu", "relu2"], default="silu", help="MLP activation (default silu)")
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise ConfigError(f"{args.out} already exists; pass --force to overwrite it")
     overrides = {"hidden_act": args.activation, "qk_norm": args.qk_norm}
-    if args.vocab_size:
+    if args.vocab_size is not None:
         overrides["vocab_size"] = args.vocab_size
     if args.no_nest_heads:
         overrides["matformer_nest_heads"] = False
@@ -54,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--vocab-size {overrides['vocab_size']} is smaller than the tokenizer's {vocab}")
     config = preset_config(args.preset, **overrides)
     model = build_model(config, seed=args.seed)
-    save_model_dir(model, args.out, tokenizer_dir=tokenizer_dir)
+    try:
+        save_model_dir(model, args.out, tokenizer_dir=tokenizer_dir)
+    except OSError as exc:
+        raise ConfigError(f"cannot write --out {args.out}: {exc.strerror or exc}; choose a directory you can "
+                          "write to") from None
     Console().print(
         f"wrote [bold]{args.out}[/]: preset {args.preset}, {parameter_count(config):,} parameters, seed {args.seed}"
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from aftermath.commands.checks import non_negative_int
 from aftermath.model import MatFormerConfig, max_tier, own_spec, parameter_count, tier_spec
 
 
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "checkpoint sliced at run time. Example: aftermath inspect runs/m --tier 1 --strategy auto",
     )
     p.add_argument("model", help="model directory (with config.json) or hub repo id OWNER/REPO[/FOLDER]")
-    p.add_argument("--tier", type=int, help="the nested tier to resolve (0 = the universal model)")
+    p.add_argument("--tier", type=non_negative_int, help="the nested tier to resolve (0 = the universal model)")
     p.add_argument("--spec", metavar="NAME[=w0,w1,...]", help="a Mix'n'Match spec, by manifest name or widths")
     p.add_argument("--strategy", choices=["auto", "sliced", "universal"],
                    help="how to load the tier (default auto when --tier or --spec is given)")

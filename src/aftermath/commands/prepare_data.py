@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from aftermath.commands.checks import positive_int
 from aftermath.data.cache import ensure_default_data
 from aftermath.data.dataset import read_meta
 from aftermath.data.prepare import SHARD_TOKENS, prepare_data
@@ -37,12 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="bpe",
                    help="bpe: byte-level BPE trained on your training split (default); gpt2: GPT-2's 50257 tokens; "
                    "bytes: 256 byte tokens")
-    p.add_argument("--vocab", type=int, default=DEFAULT_BPE_VOCAB,
+    p.add_argument("--vocab", type=positive_int, default=DEFAULT_BPE_VOCAB,
                    help=f"vocabulary size of the bpe tokenizer (default {DEFAULT_BPE_VOCAB}; match the model's "
                    "vocab_size)")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="share of the text held out for validation (default 0.05)")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file (default 1e8)")
+    p.add_argument("--shard-tokens", type=positive_int, default=SHARD_TOKENS,
+                   help="tokens per shard file (default 1e8)")
     p.add_argument("--out", type=Path, help="data directory to write (required with --text/--jsonl)")
     p.add_argument("--force", action="store_true", help="replace --out if it already exists")
     p.set_defaults(func=run)

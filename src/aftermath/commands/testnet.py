@@ -3,31 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from aftermath.commands.checks import check_writable_dir, non_negative_int, positive_float, positive_int
 from aftermath.errors import ConfigError
+
+DEFAULT_OUT = Path("out")
 
 
 def add_testnet_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clients", type=int, default=3, help="client processes (default 3)")
+    p.add_argument("--clients", type=positive_int, default=3, help="client processes (default 3)")
     p.add_argument("--tiers", default="0,1,2", help="tiers, assigned to the clients cyclically (default 0,1,2)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the run config's total_steps, 40)")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps (default: the run config's total_steps, 40)")
     p.add_argument("--config", type=Path, help="run.toml laid over the embedded default run")
-    p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default ./out)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default ./out)")
+    p.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out (without "
+                   "it, an --out that is not empty is refused)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--timeout", type=positive_float, default=600.0,
+                   help="give up after this many seconds (default 600)")
     p.add_argument("--no-live", action="store_true", help="no live view (for logs and CI)")
     from aftermath.commands.client import add_fault_arguments
 
     add_fault_arguments(p)
     g = p.add_argument_group("process faults")
-    g.add_argument("--kill-random", type=int, default=0, metavar="N",
+    g.add_argument("--kill-random", type=non_negative_int, default=0, metavar="N",
                    help="kill N random clients with SIGKILL during the run; each is restarted a moment later and "
                    "rejoins at the next epoch")
-    g.add_argument("--kill-interval", type=float, default=10.0, metavar="S", help="seconds between kills (default 10)")
+    g.add_argument("--kill-interval", type=positive_float, default=10.0, metavar="S",
+                   help="seconds between kills (default 10)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Start a coordinator and N client processes on 127.0.0.1 (tiers assigned cyclically), show a "
         "live view (phase, step, loss per client, tokens/s, bytes), and write OUT/checkpoint (universal + tiers + "
         "manifest), OUT/metrics/*.jsonl, OUT/summary.json and OUT/loss.png. With no arguments: the tiny model on "
-        "the embedded Shakespeare, 3 clients at tiers 0, 1 and 2.")
+        "the embedded Shakespeare, 3 clients at tiers 0, 1 and 2. Ctrl-C or SIGTERM stops every process it started.")
     add_testnet_arguments(p)
     p.set_defaults(func=run)
 
@@ -50,8 +58,6 @@ def options_from_args(args: argparse.Namespace):
         raise ConfigError(f"--tiers {args.tiers!r} must be comma-separated numbers, e.g. 0,1,2")
     from aftermath.commands.client import fault_config_from_args
 
-    if args.kill_random < 0 or args.kill_interval <= 0:
-        raise ConfigError(f"--kill-random {args.kill_random} must be >= 0 and --kill-interval {args.kill_interval} > 0")
     faults = fault_config_from_args(args)
     return TestnetOptions(clients=args.clients, tiers=tiers, steps=args.steps, config=args.config, out=args.out,
                           live=not args.no_live, timeout=args.timeout, threads=args.threads,
@@ -81,12 +87,31 @@ def print_summary(console: Console, summary: dict) -> None:
                   f"mean payload {tp.get('payload_bytes_mean')} bytes")
 
 
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that holds files unless --force; create it and check it is writable."""
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out {out} is not empty (an earlier run?); pass --force to replace the testnet's "
+                          "results there, or choose another --out")
+    check_writable_dir(out, "--out")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM does what Ctrl-C does: KeyboardInterrupt unwinds the testnet, which stops every child process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut that clean-up short
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from aftermath.testnet import Testnet
 
     console = Console()
     options = options_from_args(args)
-    summary = Testnet(options, console).run()
+    check_out(options.out, args.force)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        summary = Testnet(options, console).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_summary(console, summary)
     out = options.out
     console.print(f"wrote {out / 'checkpoint'}, {out / 'metrics'}, {out / 'summary.json'}, {out / 'loss.png'}")

@@ -229,7 +229,10 @@ class CoordinatorService:
         if self.data_dir is not None and self.run.data.source == "coordinator":
             from aftermath.data.server import add_data_routes
 
-            add_data_routes(app, self.data_dir)
+            # one client's request is at most one step's batch at the run's sequence length: nothing larger
+            batch, seq_len = self.run.schedule.global_batch_size, self.run.data.seq_len
+            add_data_routes(app, self.data_dir, max_sequences=batch, max_seq_len=seq_len,
+                            max_tokens=batch * (seq_len + 1))
         from aftermath.dashboard import add_dashboard_routes  # GET / (the page), /api/dashboard, pause/resume
 
         self.dashboard = add_dashboard_routes(app, self, self.admin_token)

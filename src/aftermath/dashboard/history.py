@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from aftermath.model import MatFormerConfig, TierSpec, parameter_count
+
 # Events worth showing a person (phase changes and round starts are in the round panel instead).
 NOTABLE_EVENTS = ("joined", "dropped", "deferred", "rejected", "fault", "paused", "resumed", "epoch_ended",
                   "checkpoint", "finished", "error", "mismatch")
@@ -26,6 +28,23 @@ def tier_label(tier: int | None, spec: str | None) -> str:
     if spec:
         return spec
     return f"tier{tier}" if tier is not None else "unknown"
+
+
+class DenseBytes:
+    """client id -> bytes of its update as dense fp32 (its spec's parameter count x 4; None: spec unknown)."""
+
+    def __init__(self, config: MatFormerConfig, spec_of: Callable[[str], TierSpec | None]) -> None:
+        self.config = config
+        self.spec_of = spec_of
+        self._by_spec: dict[str, int] = {}
+
+    def __call__(self, client_id: str) -> int | None:
+        spec = self.spec_of(client_id)
+        if spec is None:
+            return None
+        if spec.name not in self._by_spec:
+            self._by_spec[spec.name] = 4 * parameter_count(self.config, spec)
+        return self._by_spec[spec.name]
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from aftermath.dashboard.history import MetricsTail, RunHistory
+from aftermath.dashboard.history import DenseBytes, MetricsTail, RunHistory
 from aftermath.model import MatFormerConfig, TierSpec
 from aftermath.round.protocol import StateSnapshot
 from aftermath.runconfig import RunConfig
@@ -92,24 +92,12 @@ class Dashboard:
         self.view = view
         self.admin_token = admin_token
         self.tail = MetricsTail(Path(view.run_dir) / "metrics" / "coordinator.jsonl")
-        self.history = RunHistory(dense_bytes_of=self._dense_bytes)
-        self._dense_cache: dict[str, int] = {}
+        self.history = RunHistory(dense_bytes_of=DenseBytes(view.model_config, view.spec_of))
         self._checkpoint: dict[str, Any] | None = None  # the cached view of the checkpoint on disk
         self._checkpoint_key: Any = None
         self._checkpoint_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ pieces
-    def _dense_bytes(self, client_id: str) -> int | None:
-        """Bytes of the client's update as dense fp32 (its tier's parameter count x 4)."""
-        from aftermath.model import parameter_count
-
-        spec = self.view.spec_of(client_id)
-        if spec is None:
-            return None
-        if spec.name not in self._dense_cache:
-            self._dense_cache[spec.name] = 4 * parameter_count(self.view.model_config, spec)
-        return self._dense_cache[spec.name]
-
     def _peers(self, snap: StateSnapshot, now: float) -> list[dict[str, Any]]:
         beat = self.view.run.schedule.heartbeat_interval
         committed = set(snap.round.committed) if snap.round else set()

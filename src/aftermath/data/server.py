@@ -10,7 +10,9 @@ app; `aftermath data-server` runs them alone):
            headers X-Aftermath-Dtype (uint16 | uint32), X-Aftermath-Shape ("rows,cols"),
            X-Aftermath-Data-Id and X-Aftermath-Sha256 (of the body)
 
-Bad input gets a 4xx with a JSON body {"error": "..."} that says what was wrong and how to fix it.
+Bad input gets a 4xx with a JSON body {"error": "..."} that says what was wrong and how to fix it. A request
+is bounded before anything is read: at most `max_sequences` sequences of at most `max_seq_len` tokens, and at most
+`max_tokens` tokens in all, so no request makes the server hold more than the run's shapes need.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from aftermath.errors import DataError
 
 DEFAULT_PREFIX = "/data"
 MAX_SEQUENCES = 4096
+MAX_SEQ_LEN = 4096
+MAX_REQUEST_TOKENS = 2**22  # tokens of one response: 32 MiB as int64 while it is gathered
 HEADER_DTYPE = "X-Aftermath-Dtype"
 HEADER_SHAPE = "X-Aftermath-Shape"
 HEADER_DATA_ID = "X-Aftermath-Data-Id"
@@ -41,9 +45,12 @@ WIRE_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 class DataService:
     """The state behind the routes: the opened splits and the streams asked for so far."""
 
-    def __init__(self, data_dir: str | Path, max_sequences: int = MAX_SEQUENCES) -> None:
+    def __init__(self, data_dir: str | Path, max_sequences: int = MAX_SEQUENCES, max_seq_len: int = MAX_SEQ_LEN,
+                 max_tokens: int = MAX_REQUEST_TOKENS) -> None:
         self.dir = Path(data_dir)
         self.max_sequences = max_sequences
+        self.max_seq_len = max_seq_len
+        self.max_tokens = max_tokens
         self.splits: dict[str, TokenData] = {"train": TokenData(self.dir, "train")}
         try:
             self.splits["val"] = TokenData(self.dir, "val")
@@ -95,9 +102,14 @@ def _int_param(request: web.Request, name: str, default: int | None = None) -> i
 
 
 def add_data_routes(app: web.Application, data_dir: str | Path, *, prefix: str = DEFAULT_PREFIX,
-                    max_sequences: int = MAX_SEQUENCES) -> DataService:
-    """Mount the data routes for `data_dir` under `prefix` on `app`; returns the service (for its data_id)."""
-    service = DataService(data_dir, max_sequences)
+                    max_sequences: int = MAX_SEQUENCES, max_seq_len: int = MAX_SEQ_LEN,
+                    max_tokens: int = MAX_REQUEST_TOKENS) -> DataService:
+    """Mount the data routes for `data_dir` under `prefix` on `app`; returns the service (for its data_id).
+
+    One request may ask for at most `max_sequences` sequences of at most `max_seq_len` tokens, and at most
+    `max_tokens` tokens in all (sequences x (seq_len + 1)); more gets a 400.
+    """
+    service = DataService(data_dir, max_sequences, max_seq_len, max_tokens)
     prefix = prefix.rstrip("/")
 
     async def meta(_: web.Request) -> web.Response:
@@ -119,6 +131,12 @@ def add_data_routes(app: web.Application, data_dir: str | Path, *, prefix: str =
         if end - start > service.max_sequences:
             raise _bad_request(f"range [{start}, {end}) asks for {end - start} sequences; this server sends at "
                                f"most {service.max_sequences} per request: split the range")
+        if seq_len > service.max_seq_len:
+            raise _bad_request(f"seq_len={seq_len} is longer than this server sends: give seq_len <= "
+                               f"{service.max_seq_len}")
+        if (end - start) * (seq_len + 1) > service.max_tokens:
+            raise _bad_request(f"range [{start}, {end}) of seq_len={seq_len} asks for {(end - start) * (seq_len + 1)} "
+                               f"tokens; this server sends at most {service.max_tokens} per request: split the range")
         try:
             stream = service.stream(split, seq_len, seed, shuffle)
             stream.check_range(start, end)

@@ -3,16 +3,24 @@
 
 const POLL_MS = 1000;
 const COLORS = ["#2563eb", "#dc6803", "#079455", "#c11574", "#6941c6", "#0e9384", "#b42318", "#475467"];
+// Tiers' validation losses often coincide (on a fresh run they all are ~ln(vocab)): each tier also gets its own
+// hollow marker shape and dash pattern, so lines drawn on top of each other stay visible.
+const MARKERS = ["circle", "square", "diamond", "triangle"];
+const DASHES = ["6 4", "2 3", "10 3 2 3", "1 4"];
 const SVG_NS = "http://www.w3.org/2000/svg";
+const LEGEND_PX = 22;
 let last = null;        // the last snapshot received
 let failingSince = null; // when the coordinator stopped answering
-const colorOf = {};     // series label -> colour, stable across updates
+const keyIndex = {};    // series key (a tier label) -> index of its colour, marker and dash, stable across updates
 
 function $(id) { return document.getElementById(id); }
-function color(label) {
-  if (!(label in colorOf)) colorOf[label] = COLORS[Object.keys(colorOf).length % COLORS.length];
-  return colorOf[label];
+function indexOf(key) {
+  if (!(key in keyIndex)) keyIndex[key] = Object.keys(keyIndex).length;
+  return keyIndex[key];
 }
+function color(key) { return COLORS[indexOf(key) % COLORS.length]; }
+function markerOf(key) { return MARKERS[indexOf(key) % MARKERS.length]; }
+function dashOf(key) { return DASHES[indexOf(key) % DASHES.length]; }
 function el(tag, attrs, text) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
@@ -31,6 +39,12 @@ function bytes(n) {
   while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
   return (i === 0 ? n.toFixed(0) : n.toFixed(1)) + " " + units[i];
 }
+// Memory in binary units, as the OS and devices count it; "—" until the client has reported it.
+function memory(n) {
+  if (!n) return "—";
+  const mib = n / 2 ** 20;
+  return mib < 1024 ? mib.toFixed(1) + " MiB" : (mib / 1024).toFixed(2) + " GiB";
+}
 function num(n, digits) { return n === null || n === undefined ? "-" : Number(n).toFixed(digits); }
 function int(n) { return n === null || n === undefined ? "-" : Number(n).toLocaleString("en-US"); }
 function duration(s) {
@@ -41,20 +55,59 @@ function duration(s) {
   return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
 }
 function clock(t) { return t ? new Date(t * 1000).toLocaleTimeString() : "-"; }
+// A value of an event's detail as text: clock times, seconds to 0.1 s, other fractions (losses) to 4 decimals.
+function detailText(key, v) {
+  if (typeof v === "number") {
+    if (/(^|_)time$|_at$/.test(key) && v > 1e9) return clock(v);
+    if (/(^|_)seconds$|_s$/.test(key)) return v.toFixed(1) + " s";
+    return Number.isInteger(v) ? String(v) : v.toFixed(4);
+  }
+  if (Array.isArray(v)) return "[" + v.map(x => detailText(key, x)).join(", ") + "]";
+  if (v !== null && typeof v === "object") {
+    return "{" + Object.entries(v).map(([k, x]) => `${k}: ${detailText(k, x)}`).join(", ") + "}";
+  }
+  return String(v);
+}
 function fillRows(tbody, rows) {
   tbody.replaceChildren(...rows);
 }
 
 // ------------------------------------------------------------------------------------------ charts
-// series: [{label, points: [[x, y], ...], dashed, dots, bars}]
+// Axis ticks at 1, 2 or 5 x 10^k covering [lo, hi], and the decimals that step needs, so labels never repeat
+// however small the range (a fresh run's losses differ in the third decimal). `integer`: steps of at least 1.
+function niceTicks(lo, hi, count, integer) {
+  const raw = (hi - lo) / count;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  let step = [1, 2, 5, 10].map(f => f * mag).find(s => s >= raw * (1 - 1e-9));
+  if (integer) step = Math.max(step, 1);
+  const first = Math.floor(lo / step + 1e-9), lastTick = Math.ceil(hi / step - 1e-9);
+  const values = [];
+  for (let i = first; i <= lastTick; i++) values.push(i * step);
+  return {values, decimals: Math.max(0, -Math.floor(Math.log10(step) + 1e-9))};
+}
+
+// A hollow marker. Circle, square and diamond nest inside each other, so where tiers coincide every outline
+// stays visible.
+function marker(shape, x, y, c) {
+  const attrs = {class: "marker", "data-shape": shape, fill: "none", stroke: c, "stroke-width": 1.5};
+  if (shape === "circle") return svg("circle", {...attrs, cx: x, cy: y, r: 2.5});
+  if (shape === "square") return svg("rect", {...attrs, x: x - 4, y: y - 4, width: 8, height: 8});
+  const d = shape === "diamond" ? `M${x},${y - 11} L${x + 11},${y} L${x},${y + 11} L${x - 11},${y} Z`
+                                : `M${x},${y - 12} L${x + 11},${y + 7} L${x - 11},${y + 7} Z`;
+  return svg("path", {...attrs, d});
+}
+
+// series: [{label, key, points: [[x, y], ...], dashed, dots, bars}]; key (default label) picks the colour, the
+// dash pattern of a dashed series and the marker shape of a series with dots, so a tier looks the same everywhere.
 function lineChart(container, series, opts) {
   opts = opts || {};
-  const w = container.clientWidth || 600, h = container.clientHeight || 240;
+  // the legend takes LEGEND_PX below the chart; the viewBox has the drawn size, so markers keep their shape
+  const w = container.clientWidth || 600, h = (container.clientHeight || 262) - LEGEND_PX;
   const m = {l: opts.marginLeft || 58, r: 12, t: 10, b: 30};
   const root = svg("svg", {viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", role: "img",
                            "aria-label": opts.title || "chart", "data-points": 0});
+  root.style.height = h + "px";
   const all = series.flatMap(s => s.points);
-  const box = el("div");
   if (all.length === 0) {
     const t = svg("text", {x: w / 2, y: h / 2, "text-anchor": "middle", class: "empty"});
     t.textContent = opts.empty || "waiting for data";
@@ -62,28 +115,35 @@ function lineChart(container, series, opts) {
     container.replaceChildren(root);
     return;
   }
+  const bars = series.some(s => s.bars);  // bars need half a step of room on each side
   let x0 = Math.min(...all.map(p => p[0])), x1 = Math.max(...all.map(p => p[0]));
   let y0 = Math.min(...all.map(p => p[1])), y1 = Math.max(...all.map(p => p[1]));
   if (opts.zeroBased) y0 = 0;
-  if (opts.bars) { x0 -= 0.5; x1 += 0.5; }
+  if (bars) { x0 -= 0.5; x1 += 0.5; }
   if (x1 === x0) { x0 -= 1; x1 += 1; }
-  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  if (opts.zeroBased) {
+    y1 = Math.max(y1, 1);  // all zero: still an axis
+  } else {
+    // a near-constant series gets a span of 0.1% of its value: float noise is not blown up into a slope
+    const span = 1e-3 * Math.max(1, Math.abs(y1));
+    if (y1 - y0 < span) { const mid = (y0 + y1) / 2; y0 = mid - span / 2; y1 = mid + span / 2; }
+  }
   const pad = (y1 - y0) * 0.06; if (!opts.zeroBased) y0 -= pad; y1 += pad;
+  const yTicks = niceTicks(y0, y1, 4, opts.integer);
+  y0 = yTicks.values[0]; y1 = yTicks.values[yTicks.values.length - 1];  // the axis ends on ticks
   const X = x => m.l + (x - x0) / (x1 - x0) * (w - m.l - m.r);
   const Y = y => h - m.b - (y - y0) / (y1 - y0) * (h - m.t - m.b);
-  for (let i = 0; i <= 4; i++) {  // horizontal grid with labels
-    const v = y0 + (y1 - y0) * i / 4, y = Y(v);
+  for (const v of yTicks.values) {  // horizontal grid with labels
+    const y = Y(v);
     root.appendChild(svg("line", {x1: m.l, x2: w - m.r, y1: y, y2: y, class: "gridline"}));
-    const t = svg("text", {x: m.l - 6, y: y + 4, "text-anchor": "end"});
-    t.textContent = opts.yFormat ? opts.yFormat(v) : v.toFixed(2);
+    const t = svg("text", {x: m.l - 6, y: y + 4, "text-anchor": "end", class: "y-tick"});
+    t.textContent = opts.yFormat ? opts.yFormat(v) : v.toFixed(yTicks.decimals);
     root.appendChild(t);
   }
-  const ticks = Math.min(8, Math.max(1, Math.round(x1 - x0)));
-  for (let i = 0; i <= ticks; i++) {
-    const v = x0 + (x1 - x0) * i / ticks;
-    if (opts.bars && (v < x0 + 0.5 || v > x1 - 0.5)) continue;
+  const xStep = Math.max(1, Math.ceil((x1 - x0) / 8));  // x is a step: whole numbers, at most 9 labels
+  for (let v = Math.ceil(x0 / xStep) * xStep; v <= x1; v += xStep) {
     const t = svg("text", {x: X(v), y: h - m.b + 16, "text-anchor": "middle"});
-    t.textContent = Math.round(v);
+    t.textContent = v;
     root.appendChild(t);
   }
   root.appendChild(svg("line", {x1: m.l, x2: m.l, y1: m.t, y2: h - m.b, class: "axis"}));
@@ -91,8 +151,10 @@ function lineChart(container, series, opts) {
   const xl = svg("text", {x: w - m.r, y: h - 4, "text-anchor": "end"}); xl.textContent = opts.xLabel || "step";
   root.appendChild(xl);
   let count = 0;
+  const legend = el("div", {class: "legend"});
   for (const s of series) {
-    const c = color(s.colorKey || s.label);
+    const key = s.key || s.label, c = color(key);
+    const dash = s.dashed ? dashOf(key) : "none", shape = s.dots ? markerOf(key) : "";
     const pts = s.points.slice().sort((a, b) => a[0] - b[0]);
     count += pts.length;
     const g = svg("g", {class: "series", "data-label": s.label, "data-points": pts.length});
@@ -104,27 +166,28 @@ function lineChart(container, series, opts) {
     } else {
       if (pts.length > 1) {
         const d = pts.map((p, i) => (i ? "L" : "M") + X(p[0]).toFixed(1) + "," + Y(p[1]).toFixed(1)).join(" ");
-        g.appendChild(svg("path", {d, fill: "none", stroke: c, "stroke-width": 2,
-                                   "stroke-dasharray": s.dashed ? "6 4" : "none"}));
+        g.appendChild(svg("path", {d, fill: "none", stroke: c, "stroke-width": 2, "stroke-dasharray": dash}));
       }
-      if (s.dots || pts.length === 1) {
-        for (const [x, y] of pts) g.appendChild(svg("circle", {cx: X(x), cy: Y(y), r: 3.5, fill: c}));
+      for (const [x, y] of pts) {
+        if (shape) g.appendChild(marker(shape, X(x), Y(y), c));
+        else if (pts.length === 1) g.appendChild(svg("circle", {cx: X(x), cy: Y(y), r: 2.5, fill: c}));  // no line
       }
     }
     const title = svg("title"); title.textContent = s.label; g.appendChild(title);
     root.appendChild(g);
-  }
-  root.setAttribute("data-points", count);
-  const legend = el("div", {class: "legend"});
-  for (const s of series) {
-    const item = el("span");
-    const sw = el("i"); sw.style.background = color(s.colorKey || s.label);
+
+    // legend swatch: the series' line, dash and marker
+    const item = el("span", {class: "legend-item", "data-label": s.label, "data-marker": shape});
+    const sw = svg("svg", {viewBox: "0 0 32 24"});  // drawn at 3/4 size (dashboard.css)
+    sw.appendChild(s.bars ? svg("rect", {x: 4, y: 6, width: 24, height: 12, fill: c})
+                          : svg("line", {x1: 0, x2: 32, y1: 12, y2: 12, stroke: c, "stroke-width": 2,
+                                         "stroke-dasharray": dash}));
+    if (shape) sw.appendChild(marker(shape, 16, 12, c));
     item.appendChild(sw); item.appendChild(document.createTextNode(s.label));
     legend.appendChild(item);
   }
-  box.appendChild(root);
+  root.setAttribute("data-points", count);
   container.replaceChildren(root, legend);
-  root.style.height = "calc(100% - 22px)";
 }
 
 // ------------------------------------------------------------------------------------------ rendering
@@ -146,17 +209,17 @@ function render(d) {
   $("r-total").textContent = int(r.tokens_total);
   $("r-spr").textContent = num(r.seconds_per_round, 2);
 
-  const train = Object.entries(d.loss.train).map(([label, pts]) => ({label: label + " train", colorKey: label, points: pts}));
-  const val = Object.entries(d.loss.val).map(([label, pts]) => ({label: label + " validation", colorKey: label,
+  const train = Object.entries(d.loss.train).map(([label, pts]) => ({label: label + " train", key: label, points: pts}));
+  const val = Object.entries(d.loss.val).map(([label, pts]) => ({label: label + " validation", key: label,
                                                                  points: pts, dashed: true, dots: true}));
-  lineChart($("chart-loss"), train.concat(val), {title: "loss per tier", yFormat: v => v.toFixed(2)});
-  // nested validation: x = epoch index of the checkpoint, one line per tier width
-  const nested = Object.entries(d.loss.val).map(([label, pts]) => ({label, points: pts, dots: true}));
+  lineChart($("chart-loss"), train.concat(val), {title: "loss per tier"});
+  // nested validation: x = the step each checkpoint holds, one line per tier width
+  const nested = Object.entries(d.loss.val).map(([label, pts]) => ({label, points: pts, dashed: true, dots: true}));
   lineChart($("chart-val"), nested, {title: "validation loss per tier", empty: "no checkpoint evaluated yet"});
 
   const bw = d.bandwidth.map(b => [b.step, b.payload_bytes]);
   lineChart($("chart-bandwidth"), [{label: "payload bytes", points: bw, bars: true}],
-            {title: "bytes per round", zeroBased: true, marginLeft: 74, yFormat: v => bytes(v), empty: "no round applied yet"});
+            {title: "bytes per round", zeroBased: true, integer: true, marginLeft: 74, yFormat: v => bytes(v), empty: "no round applied yet"});
   const lastBw = d.bandwidth[d.bandwidth.length - 1];
   $("ratio").textContent = lastBw && lastBw.ratio ? `compression vs dense fp32 updates: ${lastBw.ratio}x ` +
     `(${bytes(lastBw.payload_bytes)} instead of ${bytes(lastBw.dense_bytes)} in step ${lastBw.step})` : "compression ratio: -";
@@ -166,7 +229,7 @@ function render(d) {
     tr.appendChild(el("td", {class: "peer-id"}, p.id));
     tr.appendChild(el("td", {class: "tier"}, p.tier === null ? p.spec : p.tier));
     tr.appendChild(el("td", {}, p.device));
-    tr.appendChild(el("td", {class: "num"}, p.memory_bytes ? bytes(p.memory_bytes) : "-"));
+    tr.appendChild(el("td", {class: "num peak-memory"}, memory(p.peak_memory)));
     tr.appendChild(el("td", {class: "state state-" + p.state}, p.state));
     tr.appendChild(el("td", {class: "num"}, num(p.loss, 3)));
     tr.appendChild(el("td", {class: "num"}, num(p.tokens_per_s, 1)));
@@ -181,7 +244,7 @@ function render(d) {
     const li = el("li");
     li.appendChild(el("span", {class: "dim"}, clock(e.time) + " "));
     li.appendChild(el("span", {class: "kind k-" + e.kind}, e.kind));
-    const det = Object.entries(e.detail).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`);
+    const det = Object.entries(e.detail).map(([k, v]) => `${k}=${detailText(k, v)}`);
     li.appendChild(document.createTextNode(det.join(" ")));
     return li;
   }));
