@@ -134,6 +134,7 @@ class LightClient:
 
     async def run(self, http: Any) -> None:
         from aftermath.crypto import Signer
+        from aftermath.round.protocol import CommitRequest
 
         signer = Signer()  # commits are signed (ed25519), as a real client signs them
         answer = await self.call(http, "POST", "/join", {
@@ -162,9 +163,9 @@ class LightClient:
                     await self.call(http, "PUT", f"/blobs/{sha}", data=data)
                     start, end = assignment
                     signature = signer.sign_commitment(self.maker.run_id, step, self.client_id, sha, start, end)
-                    await self.call(http, "POST", "/commit", {"step": step, "blob": sha, "sequences": end - start,
-                                                              "train_seconds": 0.0, "loss": 1.0,
-                                                              "signature": signature})
+                    commit = CommitRequest(step=step, blob=sha, sequences=end - start, train_seconds=0.0, loss=1.0,
+                                           signature=signature)
+                    await self.call(http, "POST", "/commit", commit.model_dump())
                 committed = step
             elif phase == "RoundWitness" and rnd is not None and rnd["accepted"] is not None \
                     and rnd["step"] > applied:
