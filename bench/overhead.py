@@ -29,35 +29,35 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-# t_decode is recorded by newer clients (0 when absent: older clients count decoding in t_aggregate)
-PARTS = ("t_data", "t_train", "t_encode", "t_upload", "t_prefetch", "t_download", "t_decode", "t_aggregate",
-         "t_apply")
+# the parts of a round a client times (aftermath.round.protocol.RoundRecord)
+PARTS = ("t_data", "t_train", "t_encode", "t_upload", "t_prefetch", "t_download", "t_decode", "t_aggregate")
 
 
 def network_rates(out: Path) -> list[dict[str, Any]]:
     """Per client: tokens/s over round wall time and over t_train, and the mean time of each part."""
     from aftermath.metrics import read_metrics
+    from aftermath.round.protocol import RoundRecord
 
     rows = []
     for path in sorted((out / "metrics").glob("client-*.jsonl")):
-        records = [r for r in read_metrics(path) if r.get("event") == "round"]
-        records.sort(key=lambda r: r["step"])
+        records = sorted((RoundRecord.model_validate(r) for r in read_metrics(path) if r.get("event") == "round"),
+                         key=lambda r: r.step)
         if len(records) < 3:
             continue
         # round k+1's wall time: record k -> record k+1; only rounds in which this client trained
-        pairs = [(a, b) for a, b in zip(records[1:-1], records[2:]) if b.get("t_train")]
+        pairs = [(a, b) for a, b in zip(records[1:-1], records[2:]) if b.t_train]
         if not pairs:
             continue
-        tokens = [b.get("tokens") or 0 for _, b in pairs]
-        walls = [b["time"] - a["time"] for a, b in pairs]
-        train = [b.get("t_train") or 0.0 for _, b in pairs]
+        tokens = [b.tokens for _, b in pairs]
+        walls = [b.time - a.time for a, b in pairs]
+        train = [b.t_train for _, b in pairs]
         row: dict[str, Any] = {
-            "client": path.stem, "tier": records[0].get("tier"), "rounds": len(pairs),
+            "client": path.stem, "tier": records[0].tier, "rounds": len(pairs),
             "tokens_per_round": statistics.fmean(tokens), "round_s": statistics.fmean(walls),
             "tokens_per_s_round": sum(tokens) / sum(walls), "tokens_per_s_train": sum(tokens) / sum(train),
             "outside_fwd_bwd_share": 1.0 - sum(train) / sum(walls)}
         for part in PARTS:
-            row[part] = statistics.fmean([(b.get(part) or 0.0) for _, b in pairs])
+            row[part] = statistics.fmean([getattr(b, part) or 0.0 for _, b in pairs])
         row["t_other"] = row["round_s"] - sum(row[p] for p in PARTS if p != "t_prefetch")
         rows.append(row)
     return rows
