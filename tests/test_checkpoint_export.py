@@ -221,3 +221,25 @@ def test_cli_export_then_refuse(universal, capsys):
     assert main(["export-tiers", "--src", str(src), "--tiers", "1"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["export-tiers", "--src", str(src)]) == 2
+
+
+def test_optimizer_state_is_exported_cut_to_each_tier_and_hashed(universal):
+    from aftermath.checkpoint.optimizer_state import OPTIMIZER_STATE_FILE, load_optimizer_state, save_optimizer_state
+
+    model, src = universal
+    gen = torch.Generator().manual_seed(0)
+    state = {f"exp_avg/{n}": torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+    state["t"] = torch.tensor(7)
+    save_optimizer_state(src / OPTIMIZER_STATE_FILE, state, "adamw")
+    manifest = export_tiers(src, tiers=[1])
+    tier1 = manifest.entry(tier=1)
+    rel = f"../{src.name}-tier1/{OPTIMIZER_STATE_FILE}"
+    assert rel in tier1.files and OPTIMIZER_STATE_FILE in manifest.entry(tier=0).files
+    assert manifest.sha256[rel] == sha256_file(src.parent / f"{src.name}-tier1" / OPTIMIZER_STATE_FILE)
+    cut = load_optimizer_state(src.parent / f"{src.name}-tier1" / OPTIMIZER_STATE_FILE, "adamw")
+    for name, shape in param_shapes(model.config, tier_spec(model.config, 1)).items():
+        full = state[f"exp_avg/{name}"]
+        assert torch.equal(cut[f"exp_avg/{name}"], full[tuple(slice(0, s) for s in shape)])
+    assert int(cut["t"]) == 7
+    with pytest.raises(CheckpointError, match="'adamw' optimizer.*uses 'muon'"):
+        load_optimizer_state(src / OPTIMIZER_STATE_FILE, "muon")
