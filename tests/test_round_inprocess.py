@@ -102,3 +102,36 @@ def test_the_checkpoint_holds_the_optimizer_state_of_every_tier(tmp_path, one_to
         spec = tier_spec(MatFormerConfig.from_dict(config), entry.tier)
         assert shape[0] == spec.ffn_widths[0]  # the tier's cut of the universal moments
         assert state["exp_avg/model.layers.0.mlp.up_proj.weight"].abs().sum() > 0
+
+
+def test_a_replica_at_the_checkpoint_step_but_of_another_timeline_is_reloaded(tmp_path, one_torch_thread):
+    # After a coordinator restart the steps after its last checkpoint are retrained; a client that lived
+    # through the old timeline can hold a replica at the checkpoint's step with other weights.
+    import aiohttp
+    import torch
+
+    from aftermath.client.transport import Transport
+
+    run = small_run_config()
+
+    async def main() -> list[dict]:
+        service = CoordinatorService(run, tmp_path / "run", token=TOKEN, data_dir=default_data_dir(), linger=0.0)
+        records: list[dict] = []
+        async with TestServer(service.app, host="127.0.0.1") as server:
+            url = str(server.make_url("")).rstrip("/")
+            client = TrainingClient(ClientOptions(coordinator=url, token=TOKEN, tier=1, name="a", threads=1,
+                                                  work_dir=tmp_path / "c", on_update=records.append))
+            async with aiohttp.ClientSession() as session:
+                client.transport = Transport(url, session)
+                await client._join()
+                await client._ensure_model(0)  # loads the initial checkpoint
+                await client._ensure_model(0)  # the same model: kept
+                with torch.no_grad():
+                    next(client.replica.model.parameters()).add_(1e-3)  # another timeline, same step
+                await client._ensure_model(0)  # reloaded
+                reference = json.loads((service.run_dir / "checkpoint" / "checkpoint.json").read_text())
+                assert client.replica.weights_sha256() == reference["weights_sha256"]["tier1"]
+        return records
+
+    loads = [r for r in asyncio.run(main()) if r["event"] == "model_loaded"]
+    assert len(loads) == 2

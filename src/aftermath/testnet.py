@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -42,6 +43,7 @@ from aftermath.errors import AftermathError, ConfigError
 from aftermath.faults import FaultConfig
 from aftermath.metrics import read_metrics
 from aftermath.report import plot_loss
+from aftermath.round.protocol import StateSnapshot
 
 OWNED = ("checkpoint", "metrics", "blobs", "logs", "summary.json", "loss.png", "state.json", ".checkpoint-tmp",
          ".checkpoint-old", ".clients", "coordinator.json", "report.html", "report-loss.png",
@@ -122,7 +124,7 @@ class Testnet:
         self.url = ""
         self.token = secrets.token_urlsafe(12)
         self.admin_token = secrets.token_urlsafe(12)  # pauses/resumes the run from the dashboard
-        self.last_state: dict[str, Any] | None = None
+        self.last_state: StateSnapshot | None = None
         self.started = 0.0
         self.client_args: dict[str, list[str]] = {}  # name -> arguments of its first incarnation
         self.incarnations: dict[str, int] = {}
@@ -271,7 +273,7 @@ class Testnet:
                         elif code not in (None, 0):
                             raise AftermathError(f"{name} failed (exit {proc.returncode}):" + self._tail(name))
                     for name, when in list(restarts.items()):
-                        if now >= when and (self.last_state or {}).get("phase") != "Finished":
+                        if now >= when and (self.last_state is None or self.last_state.phase != "Finished"):
                             del restarts[name]
                             self._restart_client(name)
                     if self.opts.kill_random and self.random_kills < self.opts.kill_random and self._running_round():
@@ -287,7 +289,7 @@ class Testnet:
                     step_k = self.opts.kill_coordinator_at_step
                     st = self.last_state
                     if step_k is not None and not self.coordinator_kills and st is not None \
-                            and st["step"] >= step_k and st["checkpoint"]["epoch"] >= 0:
+                            and st.step >= step_k and st.checkpoint.epoch >= 0:
                         coordinator.send_signal(signal.SIGKILL)
                         coordinator.wait()
                         self.coordinator_kills += 1
@@ -298,8 +300,8 @@ class Testnet:
                                              f"{self.out / 'logs'}")
                     try:
                         async with session.get(f"{self.url}/state", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                            self.last_state = await r.json()
-                    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
+                            self.last_state = StateSnapshot.model_validate(await r.json())
+                    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, ValidationError):
                         pass
                     if live:
                         live.update(self._view())
@@ -317,7 +319,7 @@ class Testnet:
 
     def _running_round(self) -> bool:
         st = self.last_state
-        return st is not None and st["phase"] != "Finished" and (st["step"] > 0 or st["phase"] == "RoundTrain")
+        return st is not None and st.phase != "Finished" and (st.step > 0 or st.phase == "RoundTrain")
 
     def _restart_client(self, name: str) -> None:
         """A killed client comes back as a new process (a new keypair, a new join): it rejoins at the next epoch."""
@@ -352,16 +354,16 @@ class Testnet:
         elapsed = time.perf_counter() - self.started if self.started else 0.0
         if st is None:
             return Group(Text(f"starting... {elapsed:.0f}s"))
-        head = Text.assemble(("phase ", "dim"), (st["phase"], "bold cyan"), ("  step ", "dim"),
-                             f"{st['step']}/{st['total_steps']}", ("  epoch ", "dim"), str(st["epoch"]),
+        head = Text.assemble(("phase ", "dim"), (st.phase, "bold cyan"), ("  step ", "dim"),
+                             f"{st.step}/{st.total_steps}", ("  epoch ", "dim"), str(st.epoch),
                              ("  elapsed ", "dim"), f"{elapsed:.0f}s", ("  ", ""), (self.url, "green"))
         table = Table("client", "tier", "status", "loss", "tokens/s", "bytes up", "bytes down", "rounds", box=None)
-        for m in st["members"]:
-            s = m.get("stats", {})
+        for m in st.members:
+            s = m.stats
             loss = s.get("loss")
-            table.add_row(m["id"], str(m["tier"]), m["status"], "-" if loss is None else f"{loss:.3f}",
+            table.add_row(m.id, str(m.tier), m.status, "-" if loss is None else f"{loss:.3f}",
                           str(s.get("tokens_per_s") or "-"), _size(s.get("bytes_up", 0)),
-                          _size(s.get("bytes_down", 0)), str(m["rounds_contributed"]))
+                          _size(s.get("bytes_down", 0)), str(m.rounds_contributed))
         return Group(head, table)
 
     def _throughput(self) -> dict[str, Any]:

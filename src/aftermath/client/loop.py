@@ -352,10 +352,15 @@ class TrainingClient:
     # ------------------------------------------------------------------ warmup: the model
     async def _ensure_model(self, checkpoint_step: int) -> None:
         """The tier's weights and optimizer state from the coordinator's checkpoint (sha256-checked files)."""
-        if self.replica is not None and self.state.model_step == checkpoint_step:
-            return
         started = time.perf_counter()
         ck = await self.transport.call_model("GET", "/checkpoint", None, CheckpointAnswer, auth=False)
+        if self.replica is not None and self.state.model_step == checkpoint_step == ck.info.step:
+            # the same step is not the same model: a restarted coordinator retrains the steps after its last
+            # checkpoint without us. Keep the replica only when it IS the checkpoint's.
+            sha = await asyncio.get_running_loop().run_in_executor(None, self.replica.weights_sha256)
+            if sha == ck.info.weights_sha256.get(self.spec.name):
+                return
+            log.warning("our replica at step %d is not the checkpoint's (another timeline): reloading", checkpoint_step)
         if ck.manifest is None:
             raise CheckpointError("the coordinator's checkpoint has no manifest yet; waiting for it")
         manifest = Manifest.from_json(ck.manifest, where="the coordinator's manifest")
