@@ -11,7 +11,9 @@ payload of the round (it keeps its own). So, for a mix of N clients with payload
 The same formula with dense region gradients gives the dense columns.
 
 Mixes: all tier 0 (4 clients); 1+3 (one tier 0, three tier 1); 0+1+2+3 (one client of each tier).
-Wires: DisTrO top-k with float32 values (the default), bfloat16 values, 1-bit signs.
+Wires (all wire version 2: 12-bit packed indices for 64 x 64 chunks, a header of a few hundred bytes): the
+default, top-4 with 1-bit signs (Psyche's production setting); top-32 with 1-bit signs; top-32 with float32
+values (the settings of the version-1 default, which measured 42x below dense bf16 at gpt2-124m).
 
 Run:   .venv/bin/python bench/bandwidth.py --out bench/results/bandwidth.json   (small + gpt2-124m, ~2 minutes)
 Quick: .venv/bin/python bench/bandwidth.py --quick --out /tmp/bandwidth.json    (tiny + small)
@@ -34,14 +36,14 @@ MIXES: dict[str, tuple[int, ...]] = {
     "0+1+2+3": (0, 1, 2, 3),
 }
 WIRES: dict[str, dict[str, Any]] = {
-    "fp32 values": {},
-    "bf16 values": {"value_dtype": "bfloat16"},
-    "1-bit": {"one_bit": True},
+    "top-4 1-bit (default)": {"topk": 4, "one_bit": True},
+    "top-32 1-bit": {"topk": 32, "one_bit": True},
+    "top-32 fp32": {"topk": 32, "one_bit": False},
 }
 MB = 1e6
 
 
-def payload_sizes(preset: str, tiers: list[int], topk: int, console: Any) -> list[dict[str, Any]]:
+def payload_sizes(preset: str, tiers: list[int], console: Any) -> list[dict[str, Any]]:
     """One real payload per (tier, wire): its exact bytes and the dense sizes of its region."""
     import torch
 
@@ -58,11 +60,12 @@ def payload_sizes(preset: str, tiers: list[int], topk: int, console: Any) -> lis
         row: dict[str, Any] = {"preset": preset, "tier": tier}
         for wire, extra in WIRES.items():
             params = {n: torch.zeros(s) for n, s in shapes.items()}  # a sliced replica of the tier
-            opt = DistroOptimizer(DistroConfig(topk=topk, **extra), cfg, spec, params)
+            opt = DistroOptimizer(DistroConfig(**extra), cfg, spec, params)
             start = time.perf_counter()
             data = opt.encode(grads, 0, "bench-bandwidth", "c0")
             report = size_report(data, opt.plan, spec)
             row[wire] = report.payload_bytes
+            row[f"{wire} x bf16"] = report.ratio_bf16
             row.update(region_params=report.region_params, dense_fp32=report.dense_fp32_bytes,
                        dense_bf16=report.dense_bf16_bytes)
             console.log(f"{preset} tier {tier} {wire}: {report.payload_bytes:,} B "
@@ -82,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny and small presets (seconds)")
     ap.add_argument("--presets", default=None, help="comma-separated (default small,gpt2-124m)")
-    ap.add_argument("--topk", type=int, default=32, help="coefficients kept per 64x64 chunk (default 32)")
     ap.add_argument("--out", default="bench/results/bandwidth.json")
     args = ap.parse_args(argv)
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes: list[dict[str, Any]] = []
     tiers = sorted({t for mix in MIXES.values() for t in mix})
     for preset in presets:
-        sizes += payload_sizes(preset, tiers, args.topk, console)
+        sizes += payload_sizes(preset, tiers, console)
 
     by = {(r["preset"], r["tier"]): r for r in sizes}
     rows: list[dict[str, Any]] = []
@@ -115,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                     "ratio_vs_bf16": dense16["total"] / traffic["total"],
                 })
 
-    size_cols = ["preset", "tier", "region params (M)", "fp32 values (MB)", "bf16 values (MB)", "1-bit (MB)",
-                 "dense fp32 (MB)", "dense bf16 (MB)"]
-    size_rows = [[r["preset"], r["tier"], f"{r['region_params'] / 1e6:.2f}", f"{r['fp32 values'] / MB:.3f}",
-                  f"{r['bf16 values'] / MB:.3f}", f"{r['1-bit'] / MB:.3f}", f"{r['dense_fp32'] / MB:.1f}",
-                  f"{r['dense_bf16'] / MB:.1f}"] for r in sizes]
+    size_cols = ["preset", "tier", "region params (M)", "dense bf16 (MB)"] + [
+        f"{w} (KB, x below bf16)" for w in WIRES]
+    size_rows = [[r["preset"], r["tier"], f"{r['region_params'] / 1e6:.2f}", f"{r['dense_bf16'] / MB:.1f}"]
+                 + [f"{r[w] / 1e3:.1f} ({r[f'{w} x bf16']:.0f}x)" for w in WIRES] for r in sizes]
     mix_cols = ["preset", "mix", "wire", "upload per client (MB)", "max download per client (MB)",
                 "total per round (MB)", "dense fp32 total (MB)", "dense bf16 total (MB)", "x fewer than fp32",
                 "x fewer than bf16"]
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     _common.print_table("One round, 4 clients (each uploads its payload, downloads the 3 others)", mix_cols,
                         mix_rows, console)
     path = _common.write_json(args.out, {
-        "benchmark": "bandwidth", "quick": args.quick, "complete": True, "topk": args.topk, "presets": presets,
+        "benchmark": "bandwidth", "quick": args.quick, "complete": True, "wires": WIRES, "presets": presets,
         "payloads": sizes, "rounds": rows, "wall_seconds": round(time.perf_counter() - t0, 1),
         "markdown": {"payloads": _common.markdown_table(size_cols, size_rows),
                      "rounds": _common.markdown_table(mix_cols, mix_rows)},

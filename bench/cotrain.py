@@ -75,6 +75,8 @@ class Settings:
     apply_mode: str = "sign"
     average_over: str = "selected"
     topk: int = 32
+    one_bit: bool = False  # 1-bit signs on the wire instead of raw values
+    chunk: int = 64
     joint: bool = False  # tier-0 clients also train the tier-1 width (sum of the two losses)
     eval_batches: int = 16
     eval_batch: int = 16
@@ -96,7 +98,8 @@ def run_config(s: Settings, run_id: str) -> Any:
                  "optimizer.schedule": "constant", "optimizer.warmup_steps": 0, "schedule.total_steps": s.steps,
                  "data.seq_len": s.seq_len}
     if s.optimizer == "distro":
-        overrides["optimizer.distro"] = {"topk": s.topk, "apply_mode": s.apply_mode, "average_over": s.average_over}
+        overrides["optimizer.distro"] = {"topk": s.topk, "one_bit": s.one_bit, "chunk": s.chunk,
+                                         "apply_mode": s.apply_mode, "average_over": s.average_over}
     return RunConfig().with_overrides(overrides)
 
 
@@ -242,7 +245,8 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
     table_rows = [[r["arm"], f"{r['lr']:g}", r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
                    pm(r["tier1_loss"], r["tier1_loss_std"]), "yes" if r["replicas_agree"] else "NO",
                    round(r["seconds"])] for r in rows]
-    _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {settings.apply_mode}, "
+    wire = f"top-{settings.topk}{' 1-bit' if settings.one_bit else ''}, chunk {settings.chunk}"
+    _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {wire}, {settings.apply_mode}, "
                         f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
                         console)
     claim_cols = ["lr", "co-trained", "tier", "versus", "gain (nats)", "wins", "share of L-all gain"]
@@ -299,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lrs", default=None, help="comma-separated lrs: run every arm at each (an lr sweep)")
     ap.add_argument("--apply-mode", default="sign", choices=["sign", "raw"])
     ap.add_argument("--average-over", default="selected", choices=["selected", "covering"])
-    ap.add_argument("--topk", type=int, default=32)
+    ap.add_argument("--topk", type=int, default=32, help="DisTrO coefficients kept per chunk")
+    ap.add_argument("--one-bit", action="store_true", help="send 1-bit signs instead of raw values")
+    ap.add_argument("--chunk", type=int, default=64, help="DisTrO chunk size")
     ap.add_argument("--joint", action="store_true", help="tier-0 clients train loss(tier 0) + loss(tier 1)")
     ap.add_argument("--eval-batches", type=int, default=None, help="val batches of --eval-batch (default 16)")
     ap.add_argument("--jobs", type=int, default=2, help="arms run in this many processes at once")
@@ -322,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         preset=args.preset or ("tiny" if quick else "small"), steps=args.steps or (20 if quick else 300),
         seq_len=args.seq_len or (32 if quick else 128), batch=args.batch or (4 if quick else 8),
         optimizer=args.optimizer, lr=lrs[0], apply_mode=args.apply_mode, average_over=args.average_over,
-        topk=args.topk, joint=args.joint, eval_batches=args.eval_batches or (2 if quick else 16),
+        topk=args.topk, one_bit=args.one_bit, chunk=args.chunk, joint=args.joint, eval_batches=args.eval_batches or (2 if quick else 16),
         eval_batch=8 if quick else 16)
     seeds = [int(x) for x in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
     jobs = [Job(arm, seed, replace(settings, lr=lr)) for lr in lrs for seed in seeds for arm in arms]

@@ -33,18 +33,19 @@ def test_bandwidth_quick(tmp_path: Path) -> None:
     sizes = {r["tier"]: r for r in data["payloads"]}
     assert sorted(sizes) == [0, 1, 2, 3]
     for t in range(3):  # a smaller tier sends less, in every wire
-        for wire in ("fp32 values", "bf16 values", "1-bit"):
+        for wire in ("top-4 1-bit (default)", "top-32 1-bit", "top-32 fp32"):
             assert sizes[t + 1][wire] < sizes[t][wire]
     for r in sizes.values():
-        assert r["1-bit"] < r["bf16 values"] < r["fp32 values"] < r["dense_bf16"] < r["dense_fp32"]
+        assert r["top-4 1-bit (default)"] < r["top-32 1-bit"] < r["top-32 fp32"] < r["dense_bf16"] < r["dense_fp32"]
         assert r["dense_fp32"] == 4 * r["region_params"]
+    assert sizes[0]["top-4 1-bit (default) x bf16"] > 900  # tiny's tier 0: 1.5 M parameters in ~2.9 KB
     rounds = {(r["mix"], r["wire"]): r for r in data["rounds"]}
-    mix = rounds[("1+3 (tier 0 + 3 x tier 1)", "fp32 values")]
-    payloads = [sizes[t]["fp32 values"] for t in (0, 1, 1, 1)]
+    mix = rounds[("1+3 (tier 0 + 3 x tier 1)", "top-32 fp32")]
+    payloads = [sizes[t]["top-32 fp32"] for t in (0, 1, 1, 1)]
     # each client uploads its own payload and downloads the three others
     assert mix["total"] == 4 * sum(payloads)
-    assert mix["up_max"] == sizes[0]["fp32 values"]
-    assert mix["down_max"] == sum(payloads) - sizes[1]["fp32 values"]
+    assert mix["up_max"] == sizes[0]["top-32 fp32"]
+    assert mix["down_max"] == sum(payloads) - sizes[1]["top-32 fp32"]
     assert mix["dense_fp32_total"] == 4 * sum(sizes[t]["dense_fp32"] for t in (0, 1, 1, 1))
     assert mix["ratio_vs_fp32"] > 10
 

@@ -131,13 +131,16 @@ def reference_aggregate(payloads, mode):
     return out
 
 
+SPARSE_TOPK, DENSE_TOPK = 8, 32  # 5 peers x 8 = 40 terms per chunk: the sparse inverse; x 32 = 160: the dense one
+
+
 @functools.lru_cache(maxsize=None)
-def real_payloads(one_bit=False):
+def real_payloads(one_bit=False, topk=SPARSE_TOPK):
     """Decoded payloads of real optimizers: two tier-0, a tier-1, a tier-2 and a Mix'n'Match client."""
     out = []
     for i, (client, spec) in enumerate([("p0", T0), ("p1", T0), ("q", T1), ("r", T2), ("s", MIX)]):
         params = {n: p.detach() for n, p in build_model(CFG, seed=0).named_parameters()}
-        opt = DistroOptimizer(DistroConfig(topk=8, one_bit=one_bit), CFG, spec, params)
+        opt = DistroOptimizer(DistroConfig(topk=topk, one_bit=one_bit), CFG, spec, params)
         gen = torch.Generator().manual_seed(i)
         grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
         data = opt.encode(grads, 0, "run", client)
@@ -145,9 +148,10 @@ def real_payloads(one_bit=False):
     return tuple(out)
 
 
+@pytest.mark.parametrize("topk", [SPARSE_TOPK, DENSE_TOPK])
 @pytest.mark.parametrize("mode", ["selected", "covering"])
-def test_real_payloads_match_the_reference_formula(mode):
-    payloads = real_payloads()
+def test_real_payloads_match_the_reference_formula(mode, topk):
+    payloads = real_payloads(topk=topk)
     got = aggregate(payloads, PLAN, average_over=mode)
     want = reference_aggregate(payloads, mode)
     for name in PLAN.params:
@@ -240,13 +244,14 @@ RAW = {"apply_mode": "raw", "weight_decay": 0.1, "value_dtype": "bfloat16", "ave
 
 
 @pytest.mark.parametrize("kw, fused", [
-    ({}, False), (RAW, False), ({"one_bit": True, "schedule": "cosine", "warmup_steps": 1, "total_steps": 3}, False),
+    ({}, False), (RAW, False), ({"one_bit": False, "schedule": "cosine", "warmup_steps": 1, "total_steps": 3}, False),
     (RAW, True),  # streamed, one block of 4 chunk rows per band
+    ({"topk": 64}, False), ({"topk": 64, **RAW}, True),  # 3 peers x 64 terms: the dense inverse DCT
 ])
 def test_sliced_and_universal_distro_replicas_stay_bit_identical(kw, fused):
     tile = {"tile_bytes": 1} if fused else {}
-    run_replicas(lambda spec, params: DistroOptimizer(DistroConfig(lr=0.01, topk=8, **kw), CFG, spec, params, **tile),
-                 fused=fused)
+    run_replicas(lambda spec, params: DistroOptimizer(DistroConfig(**{"lr": 0.01, "topk": 8, **kw}), CFG, spec, params,
+                                                      **tile), fused=fused)
 
 
 @pytest.mark.parametrize("algorithm", ["adamw", "muon"])
@@ -307,9 +312,10 @@ def test_muon_orthogonalises_bands_and_rejects_off_band_specs():
         DenseOptimizer(DenseConfig(algorithm="muon"), CFG, MIX, off_band)
 
 
+@pytest.mark.parametrize("topk", [SPARSE_TOPK, DENSE_TOPK])
 @pytest.mark.parametrize("spec", [T1, T2, MIX])
-def test_region_aggregate_equals_the_universal_one_bit_for_bit(spec):
-    payloads = real_payloads()
+def test_region_aggregate_equals_the_universal_one_bit_for_bit(spec, topk):
+    payloads = real_payloads(topk=topk)
     full = aggregate(payloads, PLAN)
     part = aggregate(payloads, PLAN, region=spec)
     for name, shape in param_shapes(CFG, spec).items():

@@ -8,7 +8,7 @@ import torch
 from aftermath.errors import ConfigError
 from aftermath.model import mix_spec, preset_config, tier_spec, max_tier
 from aftermath.optim import ChunkPlan, dct_basis, dct_chunks, idct_chunks
-from aftermath.optim.chunks import index_dtype
+from aftermath.optim.payload import index_bits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -97,7 +97,6 @@ def test_widths_without_a_common_divisor_are_a_config_error():
     ChunkPlan(cfg, min_chunk=1)  # allowed when asked for explicitly
 
 
-def test_index_dtype_is_the_smallest_that_fits():
-    assert index_dtype(64) == torch.uint8 and index_dtype(256) == torch.uint8
-    assert index_dtype(257) == torch.int16 and index_dtype(4096) == torch.int16
-    assert index_dtype(2**15 + 1) == torch.int32
+def test_index_bits_are_the_fewest_that_hold_every_position():
+    assert index_bits(64) == 6 and index_bits(4096) == 12  # a 64 x 64 chunk: 12-bit indices
+    assert index_bits(3072) == 12 and index_bits(4097) == 13 and index_bits(1) == 1

@@ -98,7 +98,7 @@ def test_single_client_step_equals_hand_computed_demo():
     lr, decay, topk, wd = 0.01, 0.9, 4, 0.1
     params = fresh_params()
     start = {n: p.clone() for n, p in params.items()}
-    cfg = DistroConfig(lr=lr, momentum_decay=decay, topk=topk, weight_decay=wd)
+    cfg = DistroConfig(lr=lr, momentum_decay=decay, topk=topk, one_bit=False, weight_decay=wd)
     opt = DistroOptimizer(cfg, CFG, SPEC0, params)
     names = ["model.norm.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.3.mlp.down_proj.weight"]
     ref_p = {n: start[n].double() for n in names}

@@ -1,6 +1,7 @@
 """The payload wire format: round trips, 1-bit packing, sizes, and rejection of every kind of malformed payload."""
 
 import json
+import math
 import struct
 
 import pytest
@@ -9,8 +10,11 @@ from safetensors.torch import save as st_save
 
 from aftermath.errors import PayloadError
 from aftermath.model import build_model, mix_spec, preset_config, tier_spec
-from aftermath.optim import (DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer, Payload, decode_payload, encode_payload, pack_signs,
-                             size_report, unpack_signs)
+from aftermath.model.geometry import param_shapes
+from aftermath.optim import (ChunkPlan, DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer, Payload,
+                             PayloadExpectation, SparseCoefficients, WireFormat, decode_payload, encode_payload,
+                             pack_signs, size_report, unpack_signs)
+from aftermath.optim.payload import pack_bits, unpack_bits
 
 CFG = preset_config("tiny")
 
@@ -46,7 +50,7 @@ def _make(model, tier=1, **kw):
     return opt, spec, data
 
 
-@pytest.mark.parametrize("kw", [{}, {"value_dtype": "bfloat16"}, {"one_bit": True}])
+@pytest.mark.parametrize("kw", [{}, {"one_bit": False}, {"one_bit": False, "value_dtype": "bfloat16"}])
 def test_round_trip(model, kw):
     spec = tier_spec(CFG, 1)
     opt = DistroOptimizer(DistroConfig(**kw), CFG, spec, dict(model.named_parameters()))
@@ -58,7 +62,7 @@ def test_round_trip(model, kw):
         got = payload.params[name]
         assert got.shape == coeffs.shape
         assert torch.equal(got.indices, coeffs.indices)
-        want = torch.where(coeffs.values >= 0, 1.0, -1.0) if kw.get("one_bit") else coeffs.values
+        want = torch.where(coeffs.values >= 0, 1.0, -1.0) if opt.config.one_bit else coeffs.values
         assert torch.equal(got.values, want)
 
 
@@ -76,26 +80,20 @@ def test_dense_round_trip_and_sizes(model):
 
 
 def test_sizes_are_exact(model):
-    _, spec, data = make(model, tier=1)
-    report = size_report(data, DistroOptimizer(DistroConfig(), CFG, spec, dict(model.named_parameters())).plan, spec)
+    """12 + header + per parameter: ceil(n*k*12/8) index bytes + ceil(n*k/8) sign bytes (top-4, 1-bit)."""
+    opt, spec, data = make(model, tier=1)
+    report = size_report(data, opt.plan, spec)
     assert report.payload_bytes == len(data)
-    with safe_open_bytes(data) as tensors:
-        body = sum(t.numel() * t.element_size() for t in tensors.values())
-    header = struct.unpack("<Q", data[:8])[0]
-    assert len(data) == 8 + header + body
-    assert report.ratio_fp32 > 20 and report.ratio_bf16 == report.ratio_fp32 / 2
-
-
-class safe_open_bytes:
-    def __init__(self, data):
-        from safetensors.torch import load
-        self.t = load(data)
-
-    def __enter__(self):
-        return self.t
-
-    def __exit__(self, *a):
-        return False
+    header_len = struct.unpack("<I", data[8:12])[0]
+    body = 0
+    for name, shape in param_shapes(CFG, spec).items():
+        chunk = opt.plan.params[name].chunk
+        count = math.prod(s // c for s, c in zip(shape, chunk)) * 4
+        bits = 12 if math.prod(chunk) == 4096 else (math.prod(chunk) - 1).bit_length()
+        body += -(-count * bits // 8) + -(-count // 8)
+    assert len(data) == 12 + header_len + body
+    assert header_len < 300  # the per-payload header is a few hundred bytes, not kilobytes
+    assert report.ratio_bf16 > 900 and report.ratio_fp32 == 2 * report.ratio_bf16
 
 
 def test_pack_unpack_signs():
@@ -103,121 +101,120 @@ def test_pack_unpack_signs():
         values = torch.randn(n)
         values[0] = 0.0  # zero counts as positive
         packed = pack_signs(values)
-        assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+        assert isinstance(packed, bytes) and len(packed) == (n + 7) // 8
         assert torch.equal(unpack_signs(packed, n), torch.where(values >= 0, 1.0, -1.0))
-    assert pack_signs(torch.tensor([1.0, -1, -1, -1, -1, -1, -1, 1])).tolist() == [0b10000001]
+    assert pack_signs(torch.tensor([1.0, -1, -1, -1, -1, -1, -1, 1])) == bytes([0b10000001])
+
+
+def test_pack_unpack_bits():
+    # 12-bit fields, most significant bit first: 0xABC, 0x123 -> AB C1 23
+    assert pack_bits(torch.tensor([0xABC, 0x123]), 12) == bytes([0xAB, 0xC1, 0x23])
+    assert pack_bits(torch.tensor([0xABC]), 12) == bytes([0xAB, 0xC0])  # zero-padded to a byte
+    gen = torch.Generator().manual_seed(0)
+    for bits in (1, 6, 10, 12, 13):
+        for n in (1, 3, 8, 1000):
+            values = torch.randint(0, 2**bits, (n,), generator=gen)
+            packed = pack_bits(values, bits)
+            assert len(packed) == -(-n * bits // 8)
+            assert torch.equal(unpack_bits(packed, n, bits), values)
 
 
 # ----------------------------------------------------------------------------------------------- malformed
-def rebuild(data: bytes, tensors_fn=None, meta_fn=None) -> bytes:
-    from safetensors.torch import load
-    header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
-    meta = dict(header["__metadata__"])
-    tensors = load(data)
-    if tensors_fn:
-        tensors = tensors_fn(tensors) or tensors
-    if meta_fn:
-        meta = meta_fn(meta) or meta
-    return st_save(tensors, metadata=meta)
+def split(data: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<I", data[8:12])[0]
+    return json.loads(data[12:12 + n]), data[12 + n:]
+
+
+def join(header: dict, body: bytes, version: int = 2) -> bytes:
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return b"AFTMUPD" + bytes([version]) + struct.pack("<I", len(text)) + text + body
+
+
+def sections(plan, spec, one_bit=True, topk=4) -> dict:
+    """(offset, length, count, bits) of every body section, computed here from the documented layout."""
+    out, offset = {}, 0
+    for name, shape in param_shapes(CFG if plan is None else plan.model_config, spec).items():
+        chunk = plan.params[name].chunk
+        count = math.prod(s // c for s, c in zip(shape, chunk)) * min(topk, math.prod(chunk))
+        bits = (math.prod(chunk) - 1).bit_length()
+        out[name, "indices"] = (offset, -(-count * bits // 8), count, bits)
+        offset += -(-count * bits // 8)
+        size = -(-count // 8) if one_bit else 4 * count
+        out[name, "signs" if one_bit else "values"] = (offset, size, count, 1)
+        offset += size
+    return out
+
+
+def edit_header(key, value):
+    def fn(header, body, layout):
+        if value is KeyError:
+            del header[key]
+        else:
+            header[key] = value
+        return header, body
+    return fn
+
+
+def edit_indices(name, change):
+    """Unpack the indices of `name`, let `change` edit the (n_chunks, k) table, pack them back."""
+    def fn(header, body, layout):
+        offset, size, count, bits = layout[name, "indices"]
+        idx = unpack_bits(body[offset:offset + size], count, bits).reshape(-1, header["topk"])
+        change(idx)
+        return header, body[:offset] + pack_bits(idx, bits) + body[offset + size:]
+    return fn
+
+
+def set_last_byte_bits(name, part, mask):
+    def fn(header, body, layout):
+        offset, size, _, _ = layout[name, part]
+        end = offset + size - 1
+        return header, body[:end] + bytes([body[end] | mask]) + body[end + 1:]
+    return fn
 
 
 NAME = "model.layers.0.mlp.gate_proj.weight"
 
 
-def set_meta(key, value):
-    def fn(meta):
-        meta[key] = value
-    return fn
+def swap_first(idx):
+    idx[0, 0], idx[0, 1] = int(idx[0, 1]), int(idx[0, 0])
 
 
-def set_tensor(key, fn):
-    def inner(tensors):
-        tensors[key] = fn(tensors[key])
-    return inner
-
-
-def drop(key):
-    def inner(tensors):
-        del tensors[key]
-    return inner
-
-
-def add(key, value):
-    def inner(tensors):
-        tensors[key] = value
-    return inner
-
-
-def forged_tier_spec(meta):
-    spec = json.loads(meta["spec"])
-    spec["ffn_widths"] = [128] * 4  # claims tier 1 but with tier-2 widths
-    meta["spec"] = json.dumps(spec)
-
-
-def oversized_spec(meta):
-    spec = json.loads(meta["spec"])
-    spec.update(tier=None, name="big", ffn_widths=[1024] * 4)
-    meta["spec"] = json.dumps(spec)
-
-
-def misaligned_spec(meta):
-    spec = json.loads(meta["spec"])
-    spec.update(tier=None, name="odd", ffn_widths=[200] * 4)
-    meta["spec"] = json.dumps(spec)
-
-
-def wrong_shapes(meta):
-    shapes = json.loads(meta["shapes"])
-    shapes[NAME] = [64, 128]
-    meta["shapes"] = json.dumps(shapes)
-
-
-def out_of_range(t):
-    t = t.clone()
-    t[0, 0] = 4096
-    return t
-
-
-def duplicate(t):
-    t = t.clone()
-    t[0, 1] = t[0, 0]
-    return t
-
-
-def poison(value):
-    def fn(t):
-        t = t.clone()
-        t[3, 2] = value
-        return t
-    return fn
+def repeat_first(idx):
+    idx[0, 1] = idx[0, 0]
 
 
 MALFORMED = {
-    "format": (None, set_meta("format", "something-else"), "format"),
-    "version": (None, set_meta("version", "99"), "version"),
-    "run_id": (None, set_meta("run_id", "other-run"), "run_id"),
-    "step": (None, set_meta("step", "4"), "step"),
-    "client": (None, set_meta("client_id", "someone"), "client_id"),
-    "kind": (None, set_meta("kind", "dense"), "kind"),
-    "topk": (None, set_meta("topk", "16"), "topk"),
-    "one_bit": (None, set_meta("one_bit", "1"), "one_bit"),
-    "value_dtype": (None, set_meta("value_dtype", "bfloat16"), "value_dtype"),
-    "chunk": (None, set_meta("chunk", "32"), "chunk"),
-    "missing_meta": (None, lambda m: m.pop("spec") and None, "spec"),
-    "bad_spec_json": (None, set_meta("spec", "{nope"), "spec"),
-    "forged_tier": (None, forged_tier_spec, "tier 1"),
-    "spec_too_big": (None, oversized_spec, "fit"),
-    "spec_misaligned": (None, misaligned_spec, "chunks"),
-    "shapes": (None, wrong_shapes, "shapes"),
-    "missing_tensor": (drop(f"{NAME}/values"), None, "missing"),
-    "extra_tensor": (add("model.layers.9.mlp.up_proj.weight/values", torch.zeros(2)), None, "unexpected"),
-    "index_dtype": (set_tensor(f"{NAME}/indices", lambda t: t.to(torch.int32)), None, "dtype"),
-    "value_dtype_tensor": (set_tensor(f"{NAME}/values", lambda t: t.to(torch.float16)), None, "dtype"),
-    "value_shape": (set_tensor(f"{NAME}/values", lambda t: t[:-1].clone()), None, "shape"),
-    "index_range": (set_tensor(f"{NAME}/indices", out_of_range), None, "outside"),
-    "index_duplicate": (set_tensor(f"{NAME}/indices", duplicate), None, "twice"),
-    "nan": (set_tensor(f"{NAME}/values", poison(float("nan"))), None, "NaN"),
-    "inf": (set_tensor(f"{NAME}/values", poison(float("inf"))), None, "Inf"),
+    "kind": edit_header("kind", "dense"),
+    "run_id": edit_header("run_id", "other-run"),
+    "step": edit_header("step", 4),
+    "step_as_text": edit_header("step", "3"),
+    "client": edit_header("client_id", "someone"),
+    "topk": edit_header("topk", 16),
+    "one_bit": edit_header("one_bit", False),
+    "one_bit_as_number": edit_header("one_bit", 1),
+    "value_dtype": edit_header("value_dtype", "bfloat16"),
+    "chunk": edit_header("chunk", 32),
+    "missing_key": edit_header("spec", KeyError),
+    "extra_key": edit_header("shapes", {}),
+    "spec_not_object": edit_header("spec", "tier1"),
+    "spec_tier_text": edit_header("spec", {"tier": "1"}),
+    "spec_no_such_tier": edit_header("spec", {"tier": 9}),
+    "spec_too_big": edit_header("spec", {"name": "big", "ffn_widths": [1024] * 4, "q_heads": [4] * 4,
+                                         "kv_heads": [2] * 4}),
+    "spec_misaligned": edit_header("spec", {"name": "odd", "ffn_widths": [200] * 4, "q_heads": [4] * 4,
+                                            "kv_heads": [2] * 4}),
+    "spec_reserved_name": edit_header("spec", {"name": "tier1", "ffn_widths": [256] * 4, "q_heads": [4] * 4,
+                                               "kv_heads": [2] * 4}),
+    "indices_not_sorted": edit_indices(NAME, swap_first),
+    "index_repeated": edit_indices(NAME, repeat_first),
+}
+WORDS = {
+    "kind": "kind", "run_id": "run_id", "step": "step", "step_as_text": "step", "client": "client_id",
+    "topk": "topk", "one_bit": "one_bit", "one_bit_as_number": "one_bit", "value_dtype": "value_dtype",
+    "chunk": "chunk", "missing_key": "lacks", "extra_key": "unexpected", "spec_not_object": "malformed",
+    "spec_tier_text": "integer", "spec_no_such_tier": "tier 9", "spec_too_big": "fit", "spec_misaligned": "chunks",
+    "spec_reserved_name": "malformed", "indices_not_sorted": "increasing", "index_repeated": "increasing",
 }
 
 
@@ -226,10 +223,37 @@ def test_decode_rejects_malformed(model, case):
     opt, spec, data = make(model, tier=1)
     expected = opt.expectation("run-a", 3, client_id="c1")
     decode_payload(data, expected)  # the untouched payload is fine
-    tensors_fn, meta_fn, words = MALFORMED[case]
-    bad = rebuild(data, tensors_fn, meta_fn)
-    with pytest.raises(PayloadError, match=words):
-        decode_payload(bad, expected)
+    header, body = split(data)
+    header, body = MALFORMED[case](header, body, sections(opt.plan, spec))
+    with pytest.raises(PayloadError, match=WORDS[case]):
+        decode_payload(join(header, body), expected)
+
+
+def test_decode_rejects_index_outside_a_chunk():
+    """The small preset's q_proj chunks are 48 x 64 = 3072 coefficients: 12-bit fields can say 3072..4095."""
+    cfg = preset_config("small")
+    spec = tier_spec(cfg, 1)
+    plan = ChunkPlan(cfg)
+    wire = WireFormat()
+    gen = torch.Generator().manual_seed(0)
+    params = {}
+    for name, shape in param_shapes(cfg, spec).items():
+        pc = plan.params[name]
+        n, k = pc.n_chunks(shape), pc.topk(wire.topk)
+        idx = torch.stack([torch.randperm(pc.chunk_numel, generator=gen)[:k].sort().values for _ in range(n)])
+        params[name] = SparseCoefficients(shape, idx, torch.randn(n, k, generator=gen))
+    data = encode_payload(Payload("distro", "run-a", 0, "c", spec, params), plan, wire)
+    expected = PayloadExpectation("run-a", 0, plan, wire)
+    decode_payload(data, expected)
+    header, body = split(data)
+    layout = sections(plan, spec)
+    q = "model.layers.2.self_attn.q_proj.weight"
+
+    def last_is_4095(idx):
+        idx[0, -1] = 4095
+    _, bad = edit_indices(q, last_is_4095)(header, body, layout)
+    with pytest.raises(PayloadError, match="outside"):
+        decode_payload(join(header, bad), expected)
 
 
 def test_decode_rejects_wrong_assigned_spec(model):
@@ -241,36 +265,65 @@ def test_decode_rejects_wrong_assigned_spec(model):
         decode_payload(data, opt.expectation("run-a", 3, spec=other))
 
 
-@pytest.mark.parametrize("cut", ["empty", "short", "truncated", "garbage_header", "no_metadata", "too_big"])
-def test_decode_rejects_broken_bytes(model, cut):
-    opt, _, data = make(model, tier=1)
-    expected = opt.expectation("run-a", 3, max_bytes=len(data) if cut != "too_big" else len(data) - 1)
-    bad = {
-        "empty": b"",
-        "short": data[:5],
-        "truncated": data[: len(data) // 2],
-        "garbage_header": struct.pack("<Q", 10) + b"not json!!" + b"\0" * 10,
-        "no_metadata": st_save({"x": torch.zeros(2)}),
-        "too_big": data,
-    }[cut]
-    with pytest.raises(PayloadError):
-        decode_payload(bad, expected)
+def test_mix_spec_round_trip(model):
+    spec = mix_spec(CFG, "mix", [256, 128, 512, 64], q_heads=[4, 2, 4, 2])
+    opt = DistroOptimizer(DistroConfig(), CFG, spec, dict(model.named_parameters()))
+    data = opt.encode(grads_for(model, spec, 7), 3, "run-a", "m")
+    assert decode_payload(data, opt.expectation("run-a", 3, spec=spec)).spec == spec
 
 
-def test_decode_rejects_nonzero_sign_padding(model):
-    # top-3 of 1-D chunks of 64: model.norm.weight (128) sends 2 * 3 = 6 signs -> one byte with 2 padding bits
-    opt, _, data = make(model, tier=1, one_bit=True, topk=3)
+@pytest.mark.parametrize("part", ["signs", "indices"])
+def test_decode_rejects_nonzero_padding(model, part):
+    # top-3 of 1-D chunks of 64: model.norm.weight (128 in tier 1) sends 2 * 3 = 6 signs (2 padding bits) and six
+    # 6-bit indices (36 bits: 4 padding bits)
+    opt, spec, data = make(model, tier=1, topk=3)
     expected = opt.expectation("run-a", 3)
     decode_payload(data, expected)
-    bad = rebuild(data, set_tensor("model.norm.weight/signs", lambda t: t | 0b01))
+    header, body = split(data)
+    _, bad = set_last_byte_bits("model.norm.weight", part, 0b1)(header, body, sections(opt.plan, spec, topk=3))
     with pytest.raises(PayloadError, match="padding"):
+        decode_payload(join(header, bad), expected)
+
+
+@pytest.mark.parametrize("cut", ["empty", "short", "truncated", "one_more_byte", "bad_magic", "version_1",
+                                 "version_99", "header_too_long", "garbage_header", "too_big"])
+def test_decode_rejects_broken_bytes(model, cut):
+    opt, _, data = make(model, tier=1)
+    expected = opt.expectation("run-a", 3, max_bytes=len(data) - 1 if cut == "too_big" else None)
+    header, body = split(data)
+    bad, words = {
+        "empty": (b"", "short"),
+        "short": (data[:5], "short"),
+        "truncated": (data[: len(data) - 3], "describes"),
+        "one_more_byte": (data + b"\0", "describes"),
+        "bad_magic": (b"NOTMINE!" + data[8:], "not an Aftermath"),
+        "version_1": (st_save({"x": torch.zeros(2)}, metadata={"format": "aftermath-update"}), "version-1"),
+        "version_99": (join(header, body, version=99), "version 99"),
+        "header_too_long": (data[:8] + struct.pack("<I", 2**30) + data[12:], "truncated or corrupt"),
+        "garbage_header": (data[:8] + struct.pack("<I", 10) + b"not json!!" + body, "JSON"),
+        "too_big": (data, "over the limit"),
+    }[cut]
+    with pytest.raises(PayloadError, match=words):
         decode_payload(bad, expected)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_decode_rejects_non_finite_values(model, poison):
+    opt, spec, data = make(model, tier=1, one_bit=False)
+    expected = opt.expectation("run-a", 3)
+    header, body = split(data)
+    offset, _, _, _ = sections(opt.plan, spec, one_bit=False)[NAME, "values"]
+    bad = body[:offset + 8] + struct.pack("<f", poison) + body[offset + 12:]
+    with pytest.raises(PayloadError, match="NaN or Inf"):
+        decode_payload(join(header, bad), expected)
 
 
 def test_decode_rejects_dense_nan(model):
     spec = tier_spec(CFG, 2)
     opt = DenseOptimizer(DenseConfig(), CFG, spec, dict(model.named_parameters()))
     data = opt.encode(grads_for(model, spec, 5), 0, "run-a", "d")
-    bad = rebuild(data, set_tensor(f"{NAME}/grad", poison(float("nan"))))
+    decode_payload(data, opt.expectation("run-a", 0))
+    header, body = split(data)
+    bad = body[:100] + struct.pack("<f", float("nan")) + body[104:]
     with pytest.raises(PayloadError, match="NaN"):
-        decode_payload(bad, opt.expectation("run-a", 0))
+        decode_payload(join(header, bad), opt.expectation("run-a", 0))

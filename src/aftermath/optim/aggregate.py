@@ -16,12 +16,17 @@ small tier cannot vote on the suffix at all (it sends nothing there).
 Dense payloads (AdamW / Muon runs): G[x] = sum_{p : x in region(p)} g_p[x] / |{p : x in region(p)}|, 0 where no
 peer covers x.
 
-Determinism: payloads are summed in order of client id (duplicates are rejected), in float64, and the inverse
-DCT runs in float64 over a fixed partition of each parameter's universal chunk grid into blocks of chunk rows,
-then is rounded to float32. The result is therefore the same bits whatever order the payloads arrived in. A
-replica that holds only a region asks for `region=spec`: it computes the blocks of the universal grid that
-reach into its region (the same blocks, shapes and inputs as the universal replica) and keeps its region, so
-the two agree bit for bit on the shared region.
+Two ways to the same update, chosen per parameter from the payloads alone (so every replica takes the same):
+- few terms per chunk (all peers' k together at most c0 + c1, e.g. up to 32 peers at top-4 of 64 x 64 chunks):
+  each chunk of the target is the sparse inverse DCT (dct.idct_sparse) of its terms, every covering peer's
+  coefficients in client-id order divided by its count, in float32. A chunk's result depends only on its own
+  terms, so a replica that holds a region computes only its region's chunks;
+- many terms: the coefficients are summed in client-id order in float64 and the dense inverse DCT runs in
+  float64 over a fixed partition of the universal chunk grid into blocks of chunk rows, then is rounded to
+  float32; a region replica computes the blocks that reach into its region (the universal replica's blocks,
+  shapes and inputs) and keeps its region.
+Either way payloads are taken in order of client id (duplicates are rejected), so the result is the same bits
+whatever order they arrived in, and a region replica agrees bit for bit with the universal one on its region.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 from aftermath.errors import ConfigError, PayloadError
 from aftermath.model.geometry import TierSpec, region_slices
 from aftermath.optim.chunks import TILE_BYTES, ChunkPlan, ParamChunking, rows_per_tile
-from aftermath.optim.dct import idct_chunks
+from aftermath.optim.dct import from_chunks, idct_chunks, idct_sparse
 from aftermath.optim.payload import Payload, SparseCoefficients
 
 AVERAGE_OVER = ("selected", "covering")
@@ -125,49 +130,99 @@ def _param_tiles(name: str, items: list[SparseCoefficients], pc: ParamChunking, 
                  plan: ChunkPlan, average_over: str, tile_bytes: int) -> Iterator[UpdateTile]:
     grid = pc.grid(pc.universal_shape)
     per_row = grid[1] if len(grid) == 2 else 1  # chunks per chunk row
-    cn = pc.chunk_numel
+    terms = sum(item.indices.shape[1] for item in items)
+    # few terms per chunk: invert only the coefficients present, chunk by chunk; many (dozens of peers): sum
+    # them into dense coefficients and run the dense transform. Every replica sees the same payloads, so every
+    # replica takes the same path for a parameter.
+    sparse = terms <= sum(pc.chunk)
     rows_needed = -(-target[0] // pc.chunk[0])  # chunk rows the target reaches into
-    # the blocks that hold those rows (the last one may reach past the target: it is computed whole)
-    rows_end = min(-(-rows_needed // BLOCK_CHUNK_ROWS) * BLOCK_CHUNK_ROWS, grid[0])
-    tile_rows = rows_per_tile(per_row * cn, tile_bytes, BLOCK_CHUNK_ROWS)
+    # the dense path computes whole blocks of the universal grid (the last one may reach past the target)
+    rows_end = rows_needed if sparse else min(-(-rows_needed // BLOCK_CHUNK_ROWS) * BLOCK_CHUNK_ROWS, grid[0])
+    tile_rows = rows_per_tile(per_row * pc.chunk_numel, tile_bytes, BLOCK_CHUNK_ROWS)
     for r0 in range(0, rows_end, tile_rows):
-        r1 = min(r0 + tile_rows, rows_end)  # chunk rows [r0, r1) of the universal grid: whole blocks
-        n_tile = (r1 - r0) * per_row
-        sums = torch.zeros(n_tile * cn, dtype=torch.float64)
-        counts = torch.zeros(n_tile * cn if average_over == "selected" else n_tile, dtype=torch.float64)
-        for item in items:  # in client-id order: every coefficient's sum has the same order on every replica
-            tier_grid = pc.grid(tuple(item.shape))
-            tier_cols = tier_grid[1] if len(tier_grid) == 2 else 1
-            lo, hi = r0, min(r1, tier_grid[0])  # the chunk rows of this tile the peer covers
-            if lo >= hi:
-                continue
-            rows = torch.arange(lo - r0, hi - r0)
-            chunk_ids = (rows[:, None] * per_row + torch.arange(tier_cols)[None, :]).reshape(-1)
-            indices = item.indices[lo * tier_cols:hi * tier_cols]
-            positions = (chunk_ids[:, None] * cn + indices).reshape(-1)
-            sums.index_add_(0, positions, item.values[lo * tier_cols:hi * tier_cols].reshape(-1).to(torch.float64))
-            if average_over == "selected":
-                counts.index_add_(0, positions, torch.ones(positions.numel(), dtype=torch.float64))
-            else:
-                counts[chunk_ids] += 1.0
-        if average_over == "covering":
-            counts = counts.repeat_interleave(cn)
-        mean = (sums / counts.clamp(min=1.0)).reshape(n_tile, cn)
-        del sums, counts
+        r1 = min(r0 + tile_rows, rows_end)  # chunk rows [r0, r1) of the universal grid
         first, last = r0 * pc.chunk[0], min(r1 * pc.chunk[0], target[0])  # the target's rows in this tile
-        out = torch.empty((last - first,) + tuple(target[1:]), dtype=torch.float32)
-        for start in range(r0, r1, BLOCK_CHUNK_ROWS):
-            stop = min(start + BLOCK_CHUNK_ROWS, grid[0])
-            shape = ((stop - start) * pc.chunk[0],) + tuple(pc.universal_shape[1:])
-            block = idct_chunks(mean[(start - r0) * per_row:(stop - r0) * per_row], shape, pc.chunk, plan.bases)
-            b0 = start * pc.chunk[0] - first
-            b1 = min(b0 + shape[0], out.shape[0])
-            # rounding to float32 is elementwise: cutting the block to the target first changes no bit
-            out[b0:b1] = block[region_slices((b1 - b0,) + tuple(target[1:]))]
-            del block
-        del mean
+        if sparse:
+            out = _sparse_tile(items, pc, r0, r1, target, plan, average_over)
+        else:
+            out = _dense_tile(items, pc, r0, r1, target, plan, average_over, first, last)
         yield UpdateTile(name, slice(first, last), out)
         del out  # the consumer holds the tile as long as it needs it
+
+
+def _sparse_tile(items: list[SparseCoefficients], pc: ParamChunking, r0: int, r1: int, target: tuple[int, ...],
+                 plan: ChunkPlan, average_over: str) -> torch.Tensor:
+    """The target's chunk rows [r0, r1): each chunk of the target is the sparse inverse DCT of its terms, every
+    covering peer's k coefficients in client-id order (a peer that does not cover the chunk holds zeros there)
+    divided by the count of `average_over`. A chunk's terms depend only on the chunk, so a region replica that
+    computes only its own chunks gets the universal replica's bits."""
+    cols = target[1] // pc.chunk[1] if len(target) == 2 else 1  # the target's chunks per chunk row
+    rows = torch.arange(r0, r1)[:, None].expand(-1, cols).reshape(-1)
+    colj = torch.arange(cols)[None, :].expand(r1 - r0, -1).reshape(-1)
+    indices, values, covered, present = [], [], [], []
+    for item in items:  # in client-id order
+        tier_grid = pc.grid(tuple(item.shape))
+        tier_cols = tier_grid[1] if len(tier_grid) == 2 else 1
+        inside = (rows < tier_grid[0]) & (colj < tier_cols)
+        ids = torch.where(inside, rows * tier_cols + colj, 0)
+        indices.append(torch.where(inside[:, None], item.indices[ids], 0))
+        values.append(torch.where(inside[:, None], item.values[ids], 0.0))
+        covered.append(inside)
+        present.append(inside[:, None].expand(-1, item.indices.shape[1]))
+    idx = torch.cat(indices, dim=1)  # (chunks, terms)
+    val = torch.cat(values, dim=1)
+    if average_over == "selected":  # how many peers selected each term's coefficient
+        same = (idx[:, :, None] == idx[:, None, :]) & torch.cat(present, dim=1)[:, None, :]
+        counts = same.sum(dim=2)
+    else:  # how many peers cover each chunk
+        counts = torch.stack(covered, dim=1).sum(dim=1, keepdim=True)
+    coeffs = val / counts.clamp(min=1).to(torch.float32)
+    blocks = idct_sparse(idx, coeffs, pc.chunk, plan.bases)
+    shape = ((r1 - r0) * pc.chunk[0],) + tuple(target[1:])
+    out = from_chunks(blocks, shape, pc.chunk)
+    return out[:min(shape[0], target[0] - r0 * pc.chunk[0])]
+
+
+def _dense_tile(items: list[SparseCoefficients], pc: ParamChunking, r0: int, r1: int, target: tuple[int, ...],
+                plan: ChunkPlan, average_over: str, first: int, last: int) -> torch.Tensor:
+    """Chunk rows [r0, r1) (whole blocks): sums of every peer's coefficients in float64, the dense inverse DCT of
+    fixed blocks of BLOCK_CHUNK_ROWS universal chunk rows, cut to the target's rows [first, last)."""
+    grid = pc.grid(pc.universal_shape)
+    per_row = grid[1] if len(grid) == 2 else 1
+    cn = pc.chunk_numel
+    n_tile = (r1 - r0) * per_row
+    sums = torch.zeros(n_tile * cn, dtype=torch.float64)
+    counts = torch.zeros(n_tile * cn if average_over == "selected" else n_tile, dtype=torch.float64)
+    for item in items:  # in client-id order: every coefficient's sum has the same order on every replica
+        tier_grid = pc.grid(tuple(item.shape))
+        tier_cols = tier_grid[1] if len(tier_grid) == 2 else 1
+        lo, hi = r0, min(r1, tier_grid[0])  # the chunk rows of this tile the peer covers
+        if lo >= hi:
+            continue
+        rows = torch.arange(lo - r0, hi - r0)
+        chunk_ids = (rows[:, None] * per_row + torch.arange(tier_cols)[None, :]).reshape(-1)
+        indices = item.indices[lo * tier_cols:hi * tier_cols]
+        positions = (chunk_ids[:, None] * cn + indices).reshape(-1)
+        sums.index_add_(0, positions, item.values[lo * tier_cols:hi * tier_cols].reshape(-1).to(torch.float64))
+        if average_over == "selected":
+            counts.index_add_(0, positions, torch.ones(positions.numel(), dtype=torch.float64))
+        else:
+            counts[chunk_ids] += 1.0
+    if average_over == "covering":
+        counts = counts.repeat_interleave(cn)
+    mean = (sums / counts.clamp(min=1.0)).reshape(n_tile, cn)
+    del sums, counts
+    out = torch.empty((last - first,) + tuple(target[1:]), dtype=torch.float32)
+    for start in range(r0, r1, BLOCK_CHUNK_ROWS):
+        stop = min(start + BLOCK_CHUNK_ROWS, grid[0])
+        shape = ((stop - start) * pc.chunk[0],) + tuple(pc.universal_shape[1:])
+        block = idct_chunks(mean[(start - r0) * per_row:(stop - r0) * per_row], shape, pc.chunk, plan.bases)
+        b0 = start * pc.chunk[0] - first
+        b1 = min(b0 + shape[0], out.shape[0])
+        # rounding to float32 is elementwise: cutting the block to the target first changes no bit
+        out[b0:b1] = block[region_slices((b1 - b0,) + tuple(target[1:]))]
+        del block
+    return out
 
 
 def aggregate_distro(payloads: Iterable[Payload], plan: ChunkPlan, *, average_over: str = "selected",

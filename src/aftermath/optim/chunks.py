@@ -18,8 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from aftermath.errors import ConfigError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import TierSpec, max_tier, own_spec, param_shapes, tier_spec
@@ -40,15 +38,6 @@ def rows_per_tile(chunk_row_numel: int, tile_bytes: int, multiple: int = 1) -> i
     return multiple * max(1, tile_bytes // (chunk_row_numel * multiple * BYTES_PER_ELEMENT))
 
 
-def index_dtype(chunk_numel: int) -> torch.dtype:
-    """The smallest integer type that holds an index into a chunk of `chunk_numel` coefficients."""
-    if chunk_numel <= 256:
-        return torch.uint8
-    if chunk_numel <= 2**15:
-        return torch.int16
-    return torch.int32
-
-
 @dataclass(frozen=True)
 class ParamChunking:
     """How one parameter is chunked: its universal shape and its chunk shape (same rank)."""
@@ -60,10 +49,6 @@ class ParamChunking:
     @property
     def chunk_numel(self) -> int:
         return math.prod(self.chunk)
-
-    @property
-    def index_dtype(self) -> torch.dtype:
-        return index_dtype(self.chunk_numel)
 
     def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Chunks per dimension of a region of `shape` (which must be aligned)."""

@@ -3,7 +3,9 @@
 Basis: B[k, i] = s_k cos(pi (2i + 1) k / (2n)), s_0 = sqrt(1/n), s_k = sqrt(2/n) for k > 0. B is orthogonal,
 so the inverse is the transpose. A 2-D chunk X (c0 x c1) transforms as Y = B0 X B1^T and back as X = B0^T Y B1.
 A chunked tensor is handled as a batch of chunks in row-major chunk order (chunk (i, j) of a grid with G1
-chunk columns has id i * G1 + j); coefficients of a chunk are flattened row-major.
+chunk columns has id i * G1 + j); coefficients of a chunk are flattened row-major. `idct_sparse` inverts
+chunks that hold only a few coefficients (a payload's top-k, an aggregate of a few peers) without the dense
+transform.
 """
 
 from __future__ import annotations
@@ -87,3 +89,23 @@ def idct_chunks(coeffs: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, 
     b0, b1 = bases.get(chunk[0], dtype), bases.get(chunk[1], dtype)
     blocks = _left(_right(coeffs.reshape(-1, chunk[0], chunk[1]), b1), b0.T)
     return from_chunks(blocks, shape, chunk)
+
+
+def idct_sparse(indices: torch.Tensor, coeffs: torch.Tensor, chunk: tuple[int, ...],
+                bases: Bases | None = None) -> torch.Tensor:
+    """The chunks (n_chunks, *chunk) whose only nonzero coefficients are `coeffs` (n_chunks, T) at `indices`
+    (n_chunks, T; row-major positions inside a chunk; a position may repeat, its terms add up).
+
+    A chunk is the sum of T rank-one patterns, coeffs[t] * outer(B0[u_t], B1[v_t]): T * c0 * c1 multiply-adds
+    instead of the dense transform's (c0 + c1) * c0 * c1, as one batched matrix product whose every item is the
+    same small product for the same inputs, so a chunk's bits do not depend on which other chunks share the call.
+    """
+    bases = bases or Bases()
+    dtype = coeffs.dtype
+    if len(chunk) == 1:
+        rows = bases.get(chunk[0], dtype)[indices]  # (n, T, c)
+        return torch.bmm(coeffs[:, None, :], rows)[:, 0, :]
+    c0, c1 = chunk
+    left = bases.get(c0, dtype)[indices // c1] * coeffs[..., None]  # (n, T, c0)
+    right = bases.get(c1, dtype)[indices % c1]  # (n, T, c1)
+    return torch.bmm(left.transpose(1, 2), right)

@@ -23,7 +23,7 @@ from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import TierSpec, region_slices
 from aftermath.optim.aggregate import aggregate_distro, iter_distro_tiles
 from aftermath.optim.chunks import TILE_BYTES, ParamChunking, rows_per_tile
-from aftermath.optim.dct import dct_chunks, idct_chunks
+from aftermath.optim.dct import dct_chunks, from_chunks, idct_sparse
 from aftermath.optim.payload import VALUE_DTYPES, Payload, SparseCoefficients, WireFormat
 from aftermath.optim.rule import RegionRule
 from aftermath.optim.schedule import LRSchedule
@@ -41,8 +41,8 @@ class DistroConfig:
     momentum_decay: float = 0.999
     chunk: int = 64
     min_chunk: int = 8
-    topk: int = 32
-    one_bit: bool = False
+    topk: int = 4  # coefficients kept per chunk (Psyche's production setting at chunk 64)
+    one_bit: bool = True  # send signs only
     value_dtype: str = "float32"  # wire type of raw values: float32 | bfloat16 | float16
     apply_mode: str = "sign"
     weight_decay: float = 0.0
@@ -151,8 +151,9 @@ class DistroOptimizer(RegionRule):
         if not self.config.one_bit:
             # the receiver sees the wire-rounded values; feed back exactly what they see
             values = values.to(VALUE_DTYPES[self.config.value_dtype]).to(torch.float32)
-        sent = coeffs.zero_().scatter_(1, top, values)  # reuses the coefficients' memory
-        delta.sub_(idct_chunks(sent, tuple(delta.shape), pc.chunk, bases=self.plan.bases))
+        del coeffs
+        sent = idct_sparse(top, values, pc.chunk, self.plan.bases)  # only the k kept coefficients of each chunk
+        delta.sub_(from_chunks(sent, tuple(delta.shape), pc.chunk))
         return top, values
 
     def encode(self, grads: dict[str, torch.Tensor | None], step: int, run_id: str, client_id: str) -> bytes:

@@ -1,18 +1,23 @@
-"""The update payload: a self-describing binary format, and its strict decoder.
+"""The update payload, wire version 2: a compact self-describing binary format, and its strict decoder.
 
-A payload is safetensors bytes. Its `__metadata__` header holds:
-  format="aftermath-update", version="1", kind ("distro" | "dense"), run_id, step, client_id,
-  spec (the tier spec as JSON: name, tier, ffn_widths, q_heads, kv_heads, head_dim),
-  shapes (JSON {param name: shape in the tier}), and the wire settings chunk, min_chunk, topk, one_bit,
-  value_dtype.
-Its tensors, per parameter NAME of the spec (every parameter; the tier's own shapes):
-  distro: NAME/indices  (n_chunks, k) smallest integer type that holds an index into one chunk
-                         (uint8 up to 256 coefficients, int16 up to 32768, else int32), sorted within a chunk
-          NAME/values   (n_chunks, k) value_dtype                 -- raw values, or, when one_bit:
-          NAME/signs    (ceil(n_chunks * k / 8),) uint8           -- 1 = positive (>= 0), packed MSB first
-  dense:  NAME/grad     the tier's shape, value_dtype
+    bytes 0..7      MAGIC: b"AFTMUPD" and the version byte (2)
+    bytes 8..11     n, the length of the header (uint32, little-endian)
+    n bytes         the header: UTF-8 JSON with exactly the keys
+                    kind ("distro" | "dense"), run_id, step, client_id, spec, chunk, min_chunk, topk, one_bit,
+                    value_dtype. `spec` is {"tier": t} for a nested tier, else the Mix'n'Match geometry
+                    {"name", "ffn_widths", "q_heads", "kv_heads"} (head_dim is the model's).
+    the body        one section per parameter of the spec, in the order of `param_shapes(config, spec)`, each
+                    starting on a byte boundary; its length follows from the header, the run's chunk plan and the
+                    shapes, and the payload must be exactly that long:
+        distro: indices   n_chunks * k unsigned integers of b = bits(chunk_numel - 1) bits each (12 bits for a
+                          64 x 64 chunk), packed most significant bit first, zero-padded to a byte; strictly
+                          increasing within a chunk (sorted, no repeats), each < chunk_numel
+                then signs    n_chunks * k bits, 1 = positive (>= 0), packed MSB first, zero padding  (one_bit)
+                or   values   n_chunks * k little-endian value_dtype numbers, finite                   (otherwise)
+        dense:  grad      the tier's shape of the parameter, little-endian value_dtype, finite
 Chunks are numbered row-major over the TIER's chunk grid (the region's own grid); the aggregator maps them to
-the universal grid. Indices are positions inside a chunk's row-major flattened coefficients.
+the universal grid. Indices are positions inside a chunk's row-major flattened coefficients. Shapes are not
+sent: both sides derive them from the spec. A version-1 (safetensors) payload is refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -22,19 +27,21 @@ import math
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from aftermath.errors import AftermathError, PayloadError
 from aftermath.model.geometry import LayerGeometry, TierSpec, param_shapes, tier_spec
 from aftermath.optim.chunks import ChunkPlan
 
-FORMAT = "aftermath-update"
-VERSION = "1"
+MAGIC = b"AFTMUPD"
+VERSION = 2
+PREFIX = len(MAGIC) + 1 + 4  # magic, version byte, header length
 KINDS = ("distro", "dense")
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAX_HEADER = 16 * 1024 * 1024
+MAX_HEADER = 64 * 1024  # a Mix'n'Match spec of a few hundred layers fits; a larger claim is corrupt
+HEADER_KEYS = frozenset({"kind", "run_id", "step", "client_id", "spec", "chunk", "min_chunk", "topk", "one_bit",
+                         "value_dtype"})
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,8 @@ class WireFormat:
     """What every payload of a run looks like (all peers must agree)."""
 
     kind: str = "distro"
-    topk: int = 32  # distro only
-    one_bit: bool = False  # distro only
+    topk: int = 4  # distro only
+    one_bit: bool = True  # distro only
     value_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -111,93 +118,150 @@ def size_report(data: bytes, plan: ChunkPlan, spec: TierSpec) -> SizeReport:
 
 
 # --------------------------------------------------------------------------------------------- bits
-def pack_signs(values: torch.Tensor) -> torch.Tensor:
-    """One bit per value, 1 where value >= 0, eight to a byte (most significant bit first), zero-padded."""
-    bits = (values.reshape(-1) >= 0).to(torch.uint8)
-    pad = (-bits.numel()) % 8
-    if pad:
-        bits = torch.cat([bits, torch.zeros(pad, dtype=torch.uint8)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-    return (bits.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+def index_bits(chunk_numel: int) -> int:
+    """Bits of one index into a chunk of `chunk_numel` coefficients (12 for 64 x 64)."""
+    return max(1, (chunk_numel - 1).bit_length())
 
 
-def unpack_signs(packed: torch.Tensor, count: int) -> torch.Tensor:
+def pack_bits(values: torch.Tensor, bits: int) -> bytes:
+    """Unsigned integers < 2**bits, `bits` each, most significant bit first, zero-padded to a whole byte."""
+    v = values.reshape(-1).to(torch.int64).numpy()
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
+    return np.packbits(((v[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)).tobytes()
+
+
+def unpack_bits(data: bytes | memoryview, count: int, bits: int) -> torch.Tensor:
+    """The `count` integers of `pack_bits` (int64). The caller checks the padding with `padding_is_zero`."""
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits).reshape(count, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1, dtype=np.int64))
+    return torch.from_numpy((flat.astype(np.int64) * weights).sum(axis=1))
+
+
+def padding_is_zero(data: bytes | memoryview, used_bits: int) -> bool:
+    pad = len(data) * 8 - used_bits
+    return pad == 0 or not data[-1] & ((1 << pad) - 1)
+
+
+def pack_signs(values: torch.Tensor) -> bytes:
+    """One bit per value, 1 where value >= 0, most significant bit first, zero-padded to a whole byte."""
+    return np.packbits((values.reshape(-1) >= 0).numpy().astype(np.uint8)).tobytes()
+
+
+def unpack_signs(data: bytes | memoryview, count: int) -> torch.Tensor:
     """+1.0 / -1.0 (float32) for the first `count` packed bits."""
-    shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
-    bits = ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:count]
-    return bits.to(torch.float32) * 2.0 - 1.0
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count)
+    return torch.from_numpy(bits.astype(np.float32) * 2.0 - 1.0)
+
+
+def _number_bytes(t: torch.Tensor, dtype: torch.dtype) -> bytes:
+    # little-endian on every platform torch supports here (x86-64, aarch64)
+    return t.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _numbers(data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------- layout
+def _section_sizes(plan: ChunkPlan, wire: WireFormat, shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, ...]]:
+    """(name, part, bytes) of every body section, in order: the layout both sides derive from the header."""
+    itemsize = VALUE_DTYPES[wire.value_dtype].itemsize
+    out = []
+    for name, shape in shapes.items():
+        if wire.kind == "dense":
+            out.append((name, "grad", math.prod(shape) * itemsize))
+            continue
+        pc = plan.params[name]
+        count = pc.n_chunks(shape) * pc.topk(wire.topk)
+        out.append((name, "indices", -(-count * index_bits(pc.chunk_numel) // 8)))
+        out.append((name, "signs", -(-count // 8)) if wire.one_bit else (name, "values", count * itemsize))
+    return out
+
+
+def _spec_header(spec: TierSpec) -> dict:
+    if spec.tier is not None:
+        return {"tier": spec.tier}
+    return {"name": spec.name, "ffn_widths": list(spec.ffn_widths), "q_heads": list(spec.q_heads),
+            "kv_heads": list(spec.kv_heads)}
 
 
 # ------------------------------------------------------------------------------------------- encode
-def _spec_json(spec: TierSpec) -> str:
-    return json.dumps({**spec.to_json(), "head_dim": spec.head_dim}, sort_keys=True)
-
-
 def encode_payload(payload: Payload, plan: ChunkPlan, wire: WireFormat) -> bytes:
     """The bytes of `payload` (whose params hold the tier's coefficients or gradients)."""
     shapes = param_shapes(plan.model_config, payload.spec)
     if set(payload.params) != set(shapes):
         raise PayloadError(f"payload of {payload.spec.name} must hold exactly its {len(shapes)} parameters")
     dtype = VALUE_DTYPES[wire.value_dtype]
-    tensors: dict[str, torch.Tensor] = {}
-    for name, item in payload.params.items():
-        pc = plan.params[name]
+    header = json.dumps({
+        "kind": wire.kind, "run_id": payload.run_id, "step": payload.step, "client_id": payload.client_id,
+        "spec": _spec_header(payload.spec), "chunk": plan.chunk, "min_chunk": plan.min_chunk, "topk": wire.topk,
+        "one_bit": wire.one_bit, "value_dtype": wire.value_dtype}, separators=(",", ":")).encode()
+    parts = [MAGIC, bytes([VERSION]), struct.pack("<I", len(header)), header]
+    for name in shapes:
+        item = payload.params[name]
         if wire.kind == "dense":
-            tensors[f"{name}/grad"] = item.detach().to(dtype).contiguous()
+            parts.append(_number_bytes(item, dtype))
             continue
-        tensors[f"{name}/indices"] = item.indices.to(pc.index_dtype).contiguous()
-        if wire.one_bit:
-            tensors[f"{name}/signs"] = pack_signs(item.values)
-        else:
-            tensors[f"{name}/values"] = item.values.to(dtype).contiguous()
-    metadata = {
-        "format": FORMAT, "version": VERSION, "kind": wire.kind, "run_id": payload.run_id,
-        "step": str(payload.step), "client_id": payload.client_id, "spec": _spec_json(payload.spec),
-        "shapes": json.dumps({n: list(s) for n, s in shapes.items()}, sort_keys=True),
-        "chunk": str(plan.chunk), "min_chunk": str(plan.min_chunk), "topk": str(wire.topk),
-        "one_bit": "1" if wire.one_bit else "0", "value_dtype": wire.value_dtype,
-    }
-    return st_save(tensors, metadata=metadata)
+        parts.append(pack_bits(item.indices, index_bits(plan.params[name].chunk_numel)))
+        parts.append(pack_signs(item.values) if wire.one_bit else _number_bytes(item.values, dtype))
+    return b"".join(parts)
 
 
 # ------------------------------------------------------------------------------------------- decode
-def _header(data: bytes) -> dict:
+def _header(data: bytes | memoryview) -> tuple[dict, int]:
+    """The header and the offset of the body."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"a payload must be bytes, got {type(data).__name__}")
-    if len(data) < 8:
+    if len(data) < PREFIX:
         raise PayloadError(f"payload of {len(data)} bytes is too short to hold a header (truncated?)")
-    (n,) = struct.unpack("<Q", bytes(data[:8]))
-    if n > MAX_HEADER or 8 + n > len(data):
+    if bytes(data[:len(MAGIC)]) != MAGIC:
+        if bytes(data[8:10]) == b'{"':
+            raise PayloadError("this is a version-1 (safetensors) payload from an older Aftermath; this build reads "
+                               f"wire version {VERSION}: upgrade the sending client")
+        raise PayloadError(f"payload starts with {bytes(data[:8])!r}, not {MAGIC!r}: not an Aftermath update payload")
+    version = data[len(MAGIC)]
+    if version != VERSION:
+        raise PayloadError(f"payload wire version {version} is not supported (this build reads {VERSION})")
+    (n,) = struct.unpack("<I", bytes(data[len(MAGIC) + 1:PREFIX]))
+    if n > MAX_HEADER or PREFIX + n > len(data):
         raise PayloadError(f"payload header claims {n} bytes but the payload has {len(data)} (truncated or corrupt)")
     try:
-        header = json.loads(bytes(data[8:8 + n]))
+        header = json.loads(bytes(data[PREFIX:PREFIX + n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError(f"payload header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
-        raise PayloadError("payload header has no __metadata__: not an Aftermath update payload")
-    return header
+    if not isinstance(header, dict):
+        raise PayloadError("payload header is not a JSON object")
+    if set(header) != HEADER_KEYS:
+        missing, extra = sorted(HEADER_KEYS - set(header)), sorted(set(header) - HEADER_KEYS)
+        raise PayloadError(f"payload header lacks {missing} / has unexpected keys {extra[:3]}")
+    return header, PREFIX + n
 
 
-def _parse_spec(text: str, plan: ChunkPlan) -> TierSpec:
-    try:
-        raw = json.loads(text)
-        layers = tuple(LayerGeometry(int(w), int(q), int(kv))
-                       for w, q, kv in zip(raw["ffn_widths"], raw["q_heads"], raw["kv_heads"], strict=True))
-        spec = TierSpec(name=str(raw["name"]), tier=raw["tier"], layers=layers, head_dim=int(raw["head_dim"]))
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"payload spec {text[:200]!r} is malformed: {exc}") from exc
+def _parse_spec(raw: object, plan: ChunkPlan) -> TierSpec:
     cfg = plan.model_config
-    if len(spec.layers) != cfg.num_hidden_layers:
-        raise PayloadError(f"payload spec {spec.name!r} has {len(spec.layers)} layers; the run's model has "
-                           f"{cfg.num_hidden_layers}")
-    if spec.tier is not None:
+    if isinstance(raw, dict) and set(raw) == {"tier"}:
+        tier = raw["tier"]
+        if type(tier) is not int:
+            raise PayloadError(f"payload spec tier {tier!r} is not an integer")
         try:
-            expected = tier_spec(cfg, spec.tier)
+            spec = tier_spec(cfg, tier)
         except AftermathError as exc:
-            raise PayloadError(f"payload claims tier {spec.tier!r}: {exc}") from exc
-        if expected != spec:
-            raise PayloadError(f"payload claims tier {spec.tier} but its geometry {spec.to_json()} differs from "
-                               f"the run's tier {spec.tier} {expected.to_json()}")
+            raise PayloadError(f"payload claims tier {tier!r}: {exc}") from exc
+    else:
+        try:
+            if set(raw) != {"name", "ffn_widths", "q_heads", "kv_heads"}:
+                raise KeyError(sorted(raw))
+            layers = tuple(LayerGeometry(int(w), int(q), int(kv))
+                           for w, q, kv in zip(raw["ffn_widths"], raw["q_heads"], raw["kv_heads"], strict=True))
+            name = raw["name"]
+            if not isinstance(name, str) or not name or (name.startswith("tier") and name[4:].isdigit()):
+                raise ValueError(f"name {name!r}")
+            spec = TierSpec(name=name, tier=None, layers=layers, head_dim=cfg.head_dim)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PayloadError(f"payload spec {str(raw)[:200]!r} is malformed: {exc}") from exc
+        if len(spec.layers) != cfg.num_hidden_layers:
+            raise PayloadError(f"payload spec {spec.name!r} has {len(spec.layers)} layers; the run's model has "
+                               f"{cfg.num_hidden_layers}")
     try:
         plan.check_spec(spec)
     except AftermathError as exc:
@@ -209,95 +273,68 @@ def decode_payload(data: bytes, expected: PayloadExpectation) -> Payload:
     """Validate and decode payload bytes. Raises PayloadError naming the first problem found."""
     if expected.max_bytes is not None and len(data) > expected.max_bytes:
         raise PayloadError(f"payload is {len(data)} bytes, over the limit of {expected.max_bytes}")
-    meta = _header(data)["__metadata__"]
+    header, body = _header(data)
     wire, plan = expected.wire, expected.plan
-
-    def field_(key: str) -> str:
-        if not isinstance(meta.get(key), str):
-            raise PayloadError(f"payload metadata lacks {key!r}")
-        return meta[key]
-
-    if field_("format") != FORMAT:
-        raise PayloadError(f"payload format {meta['format']!r} is not {FORMAT!r}")
-    if field_("version") != VERSION:
-        raise PayloadError(f"payload format version {meta['version']!r} is not supported (this build reads {VERSION})")
-    checks = [("kind", wire.kind), ("run_id", expected.run_id), ("step", str(expected.step)),
-              ("chunk", str(plan.chunk)), ("min_chunk", str(plan.min_chunk)),
-              ("value_dtype", wire.value_dtype)]
-    if wire.kind == "distro":
-        checks += [("topk", str(wire.topk)), ("one_bit", "1" if wire.one_bit else "0")]
+    checks = [("kind", wire.kind), ("run_id", expected.run_id), ("step", expected.step), ("chunk", plan.chunk),
+              ("min_chunk", plan.min_chunk), ("value_dtype", wire.value_dtype), ("topk", wire.topk),
+              ("one_bit", wire.one_bit)]
     if expected.client_id is not None:
         checks.append(("client_id", expected.client_id))
     for key, want in checks:
-        if field_(key) != want:
-            raise PayloadError(f"payload {key} is {meta[key]!r}; this run expects {want!r}")
-    client_id = field_("client_id")
-    if not client_id or len(client_id) > 256:
-        raise PayloadError(f"payload client_id {client_id[:40]!r} must be 1..256 characters")
-    spec = _parse_spec(field_("spec"), plan)
+        # type() too: JSON's true must not pass for 1, nor 3.0 for 3
+        if type(header[key]) is not type(want) or header[key] != want:
+            raise PayloadError(f"payload {key} is {header[key]!r}; this run expects {want!r}")
+    client_id = header["client_id"]
+    if not isinstance(client_id, str) or not 1 <= len(client_id) <= 256:
+        raise PayloadError(f"payload client_id {str(client_id)[:40]!r} must be 1..256 characters")
+    spec = _parse_spec(header["spec"], plan)
     if expected.spec is not None and (spec.layers, spec.tier, spec.name) != (
             expected.spec.layers, expected.spec.tier, expected.spec.name):
         raise PayloadError(f"payload is for spec {spec.to_json()}; client {client_id!r} was assigned "
                            f"{expected.spec.to_json()}")
     shapes = {n: tuple(s) for n, s in param_shapes(plan.model_config, spec).items()}
-    try:
-        claimed = {n: tuple(s) for n, s in json.loads(field_("shapes")).items()}
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-        raise PayloadError(f"payload shapes are malformed: {exc}") from exc
-    if claimed != shapes:
-        wrong = sorted(set(claimed) ^ set(shapes)) or sorted(n for n in shapes if claimed[n] != shapes[n])
-        raise PayloadError(f"payload parameter shapes do not match spec {spec.name!r}, e.g. {wrong[:3]}")
-    try:
-        tensors = st_load(bytes(data))
-    except Exception as exc:  # safetensors raises its own error types for corrupt bytes
-        raise PayloadError(f"payload tensors cannot be read: {exc}") from exc
-
+    sections = _section_sizes(plan, wire, shapes)
+    want_len = body + sum(size for _, _, size in sections)
+    if len(data) != want_len:
+        raise PayloadError(f"payload is {len(data)} bytes; its header ({spec.name}, top-{wire.topk}) describes "
+                           f"{want_len} (truncated or corrupt)")
+    view = memoryview(data)
+    parts: dict[tuple[str, str], memoryview] = {}
+    for name, part, size in sections:
+        parts[name, part] = view[body:body + size]
+        body += size
     dtype = VALUE_DTYPES[wire.value_dtype]
-    if wire.kind == "dense":
-        suffixes = ["grad"]
-    else:
-        suffixes = ["indices", "signs" if wire.one_bit else "values"]
-    want_keys = {f"{n}/{s}" for n in shapes for s in suffixes}
-    if set(tensors) != want_keys:
-        extra, missing = sorted(set(tensors) - want_keys), sorted(want_keys - set(tensors))
-        raise PayloadError(f"payload tensors do not match spec {spec.name!r}: unexpected {extra[:3]}, "
-                           f"missing {missing[:3]}")
     params: dict[str, SparseCoefficients | torch.Tensor] = {}
     for name, shape in shapes.items():
         if wire.kind == "dense":
-            grad = _check_tensor(tensors[f"{name}/grad"], name, "grad", dtype, shape)
+            grad = _numbers(parts[name, "grad"], dtype, shape)
             _check_finite(grad, name)
             params[name] = grad.to(torch.float32)
             continue
         pc = plan.params[name]
         n_chunks, k = pc.n_chunks(shape), pc.topk(wire.topk)
-        idx = _check_tensor(tensors[f"{name}/indices"], name, "indices", pc.index_dtype, (n_chunks, k)).long()
-        if idx.numel() and (idx.min() < 0 or idx.max() >= pc.chunk_numel):
+        bits = index_bits(pc.chunk_numel)
+        packed = parts[name, "indices"]
+        if not padding_is_zero(packed, n_chunks * k * bits):
+            raise PayloadError(f"payload {name}: the padding bits after the last index are not zero")
+        idx = unpack_bits(packed, n_chunks * k, bits).reshape(n_chunks, k)
+        if idx.numel() and int(idx.max()) >= pc.chunk_numel:
             raise PayloadError(f"payload {name}: an index lies outside [0, {pc.chunk_numel}) (chunk {pc.chunk})")
-        if k > 1 and bool((idx.sort(dim=1).values.diff(dim=1) == 0).any()):
-            raise PayloadError(f"payload {name}: a chunk lists the same coefficient twice")
+        if k > 1 and bool((idx.diff(dim=1) <= 0).any()):
+            raise PayloadError(f"payload {name}: the indices of a chunk are not strictly increasing (sorted, each "
+                               f"coefficient once)")
         if wire.one_bit:
-            n_bytes = (n_chunks * k + 7) // 8
-            packed = _check_tensor(tensors[f"{name}/signs"], name, "signs", torch.uint8, (n_bytes,))
-            pad = n_bytes * 8 - n_chunks * k
-            if pad and int(packed[-1]) & ((1 << pad) - 1):
+            signs = parts[name, "signs"]
+            if not padding_is_zero(signs, n_chunks * k):
                 raise PayloadError(f"payload {name}: the padding bits after the last sign are not zero")
-            values = unpack_signs(packed, n_chunks * k).reshape(n_chunks, k)
+            values = unpack_signs(signs, n_chunks * k).reshape(n_chunks, k)
         else:
-            values = _check_tensor(tensors[f"{name}/values"], name, "values", dtype, (n_chunks, k))
+            values = _numbers(parts[name, "values"], dtype, (n_chunks, k))
             _check_finite(values, name)
             values = values.to(torch.float32)
         params[name] = SparseCoefficients(shape=shape, indices=idx, values=values)
     return Payload(kind=wire.kind, run_id=expected.run_id, step=expected.step, client_id=client_id, spec=spec,
                    params=params)
-
-
-def _check_tensor(t: torch.Tensor, name: str, what: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if t.dtype != dtype:
-        raise PayloadError(f"payload {name}/{what} has dtype {t.dtype}; this run expects {dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise PayloadError(f"payload {name}/{what} has shape {tuple(t.shape)}; expected {tuple(shape)}")
-    return t
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
