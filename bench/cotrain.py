@@ -25,6 +25,8 @@ Run:   .venv/bin/python bench/cotrain.py --out bench/results/cotrain.json      (
 Quick: .venv/bin/python bench/cotrain.py --quick --out /tmp/cotrain.json       (tiny preset, under a minute)
 LR sweep: --lrs 3e-4,1e-3,3e-3 runs every arm at every learning rate.
 More seeds later: --merge A.json B.json --out C.json combines earlier runs (same settings) into one report.
+Wire and schedule: --topk, --one-bit, --chunk, --overlap (each step's gradient taken one step stale, as the
+network's overlapped rounds do).
 Remedies: --apply-mode raw, --average-over covering, --joint (tier-0 clients train loss(tier 0) + loss(tier 1)
 on the same batch, MatFormer's joint objective), --arms L+S2,S-own2 (tier-aware shares).
 """
@@ -77,6 +79,8 @@ class Settings:
     topk: int = 32
     one_bit: bool = False  # 1-bit signs on the wire instead of raw values
     chunk: int = 64
+    overlap: bool = False  # step s's gradient is taken before step s-1 is applied (the overlapped round)
+    lookahead: bool = False  # overlapped: the gradient is taken at the weights plus the client's own guess of s-1
     joint: bool = False  # tier-0 clients also train the tier-1 width (sum of the two losses)
     eval_batches: int = 16
     eval_batch: int = 16
@@ -135,6 +139,27 @@ def run_job(job: Job) -> dict[str, Any]:
 
     stride = SLOTS_PER_STEP * s.batch
     train_losses: list[tuple[int, float]] = []
+
+    def apply_all(step: int, blobs: list) -> None:
+        # every replica decodes and applies the same accepted set, as the network client does
+        for c in clients:
+            replica = c["replica"]
+            replica.apply([replica.decode(data, step, cid, spec) for cid, spec, data in blobs], step)
+
+    pending: tuple[int, list] | None = None  # overlapped: the step still to apply, and its payloads
+
+    def lookahead(c: dict, pending: tuple[int, list]) -> dict:
+        step, blobs = pending
+        replica = c["replica"]
+        own = next(replica.decode(data, step, cid, spec) for cid, spec, data in blobs if cid == c["id"])
+        update = replica.rule.aggregate([own])
+        lr = replica.rule.schedule.lr(step)
+        saved = {n: p.detach().clone() for n, p in c["model"].named_parameters()}
+        with torch.no_grad():
+            for n, p in c["model"].named_parameters():
+                u = update[n]
+                p[tuple(slice(0, d) for d in u.shape)] -= lr * torch.sign(u)
+        return saved
     for step in range(s.steps):
         blobs = []
         step_loss = 0.0
@@ -144,21 +169,35 @@ def run_job(job: Job) -> dict[str, Any]:
                               for k in plan.slots])
             for p in model.parameters():
                 p.grad = None
+            saved = None
+            if s.lookahead and pending is not None:
+                # the gradient is taken where this client expects the weights once the step in flight lands:
+                # the sign of its own last payload, at that step's lr (its replica is restored right after)
+                saved = lookahead(c, pending)
             loss = model.loss(seqs[:, :-1], seqs[:, 1:])
             total = loss
             if s.joint and plan.tier == 0:
                 total = loss + model.loss(seqs[:, :-1], seqs[:, 1:], specs[1])
             total.backward()
+            if saved is not None:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        p.copy_(saved[n])
             step_loss += float(loss.detach())
             grads = {n: p.grad for n, p in model.named_parameters()}
             blobs.append((c["id"], c["spec"], c["replica"].encode(grads, step, c["id"])))
-        # every replica decodes and applies the same accepted set, as the network client does
-        for c in clients:
-            replica = c["replica"]
-            replica.apply([replica.decode(data, step, cid, spec) for cid, spec, data in blobs], step)
+        if pending is not None:
+            apply_all(*pending)
+            pending = None
+        if s.overlap:
+            pending = (step, blobs)
+        else:
+            apply_all(step, blobs)
         if step % 10 == 0 or step == s.steps - 1:
             train_losses.append((step, step_loss / len(clients)))
 
+    if pending is not None:
+        apply_all(*pending)
     # the replicas agree on the region they share (tier-0 client's universal weights vs each tier-1 replica)
     max_diff = 0.0
     universal = next((c["model"] for c in clients if c["plan"].tier == 0), None)
@@ -245,7 +284,8 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
     table_rows = [[r["arm"], f"{r['lr']:g}", r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
                    pm(r["tier1_loss"], r["tier1_loss_std"]), "yes" if r["replicas_agree"] else "NO",
                    round(r["seconds"])] for r in rows]
-    wire = f"top-{settings.topk}{' 1-bit' if settings.one_bit else ''}, chunk {settings.chunk}"
+    wire = (f"top-{settings.topk}{' 1-bit' if settings.one_bit else ''}, chunk {settings.chunk}"
+            f"{', overlapped' if settings.overlap else ''}{' + look-ahead' if settings.lookahead else ''}")
     _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {wire}, {settings.apply_mode}, "
                         f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
                         console)
@@ -306,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topk", type=int, default=32, help="DisTrO coefficients kept per chunk")
     ap.add_argument("--one-bit", action="store_true", help="send 1-bit signs instead of raw values")
     ap.add_argument("--chunk", type=int, default=64, help="DisTrO chunk size")
+    ap.add_argument("--overlap", action="store_true",
+                    help="overlapped rounds: each step's gradient is taken before the previous step is applied")
+    ap.add_argument("--lookahead", action="store_true",
+                    help="with --overlap: take the gradient at the weights moved by the client's own last update")
     ap.add_argument("--joint", action="store_true", help="tier-0 clients train loss(tier 0) + loss(tier 1)")
     ap.add_argument("--eval-batches", type=int, default=None, help="val batches of --eval-batch (default 16)")
     ap.add_argument("--jobs", type=int, default=2, help="arms run in this many processes at once")
@@ -328,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         preset=args.preset or ("tiny" if quick else "small"), steps=args.steps or (20 if quick else 300),
         seq_len=args.seq_len or (32 if quick else 128), batch=args.batch or (4 if quick else 8),
         optimizer=args.optimizer, lr=lrs[0], apply_mode=args.apply_mode, average_over=args.average_over,
-        topk=args.topk, one_bit=args.one_bit, chunk=args.chunk, joint=args.joint, eval_batches=args.eval_batches or (2 if quick else 16),
+        topk=args.topk, one_bit=args.one_bit, chunk=args.chunk, overlap=args.overlap, lookahead=args.lookahead, joint=args.joint,
+        eval_batches=args.eval_batches or (2 if quick else 16),
         eval_batch=8 if quick else 16)
     seeds = [int(x) for x in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
     jobs = [Job(arm, seed, replace(settings, lr=lr)) for lr in lrs for seed in seeds for arm in arms]

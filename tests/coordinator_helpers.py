@@ -36,13 +36,14 @@ def serve_coordinator(run: RunConfig, run_dir: Path, token: str,
     asyncio.run(main())
 
 
-async def wait_phase(session: aiohttp.ClientSession, url: str, phase: str, tries: int = 300) -> dict:
-    """Poll the coordinator's state until it reaches `phase`; the state then."""
+async def wait_phase(session: aiohttp.ClientSession, url: str, phase: str, tries: int = 300,
+                     step: int | None = None) -> dict:
+    """Poll the coordinator's state until it reaches `phase` (at `step`, if given); the state then."""
     st: dict = {}
     for _ in range(tries):
         async with session.get(f"{url}/state") as r:
             st = await r.json()
-        if st["phase"] == phase:
+        if st["phase"] == phase and (step is None or st["step"] == step):
             return st
         await asyncio.sleep(0.02)
-    raise AssertionError(f"phase {phase} never came; last {st.get('phase')}")
+    raise AssertionError(f"phase {phase} (step {step}) never came; last {st.get('phase')} (step {st.get('step')})")

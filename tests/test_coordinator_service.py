@@ -165,15 +165,15 @@ def test_a_round_through_the_routes(tmp_path):
                 "signature": signer.sign_commitment(service.run.run_id, 0, "small", sha, 0, 4),
                 "stats": {"loss": result.loss, "bytes_up": len(blob)}}) as r:
             assert r.status == 200, await r.text()
-        st = await wait_phase(s, url, "RoundWitness")
-        assert [c["client_id"] for c in st["round"]["accepted"]] == ["small"]
+        # overlapped rounds (the default): step 1 opens at once, step 0's accepted set shown beside it
+        st = await wait_phase(s, url, "RoundTrain", step=1)
+        assert st["round"]["assignments"] == {"small": [4, 8]}
+        assert [c["client_id"] for c in st["previous_round"]["accepted"]] == ["small"]
         async with s.get(f"{url}/blobs/{sha}", headers=auth) as r:
             assert await r.read() == blob
         replica.apply([replica.decode(blob, 0, "small", spec)], 0)
         async with s.post(f"{url}/applied", json={"step": 0}, headers=auth) as r:
             assert r.status == 200
-        st = await wait_phase(s, url, "RoundTrain")
-        assert st["step"] == 1 and st["round"]["assignments"] == {"small": [4, 8]}
         # long-poll returns at once for an old version, and waits for a new one
         async with s.get(f"{url}/state?after={st['version'] - 1}&wait=5") as r:
             assert (await r.json())["version"] >= st["version"]

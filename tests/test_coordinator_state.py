@@ -13,7 +13,7 @@ from aftermath.runconfig import ScheduleSection
 def schedule(**kw) -> ScheduleSection:
     base = dict(min_clients=1, init_min_clients=2, waiting_for_members_extra_time=1.0, warmup_time=10.0,
                 max_round_train_time=5.0, round_witness_time=5.0, cooldown_time=5.0, rounds_per_epoch=3,
-                global_batch_size=12, total_steps=6, heartbeat_interval=1.0, heartbeat_timeout=4.0)
+                global_batch_size=12, total_steps=6, heartbeat_interval=1.0, heartbeat_timeout=4.0, overlap=False)
     base.update(kw)
     return ScheduleSection(**base)
 
@@ -398,3 +398,85 @@ def test_a_resumed_machine_goes_on_from_its_data_position_whatever_the_batch_siz
     m.ready("a", m.epoch, now)
     m.tick(now)
     assert m.round.assignments["a"].start == 320 and m.round.assignments["a"].end == 336
+
+
+# ------------------------------------------------------------------------------ overlapped rounds
+def test_overlapped_rounds_open_the_next_step_when_the_accepted_set_is_fixed():
+    r = Run(overlap=True)
+    r.start("a", "b")
+    for step in range(2):  # the epoch's first two rounds: the next opens at once, no witness phase
+        assert r.m.phase == Phase.ROUND_TRAIN and r.m.round.step == step
+        for cid in ("a", "b"):
+            r.commit(cid)
+        r.tick()
+        assert r.m.phase == Phase.ROUND_TRAIN and r.m.round.step == step + 1
+        previous = r.m.snapshot(r.now)["previous_round"]
+        assert previous["step"] == step and [c["client_id"] for c in previous["accepted"]] == ["a", "b"]
+        for cid in ("a", "b"):  # applied while step + 1 trains
+            r.m.applied(cid, step, r.now)
+    # the epoch's last round ends in a witness: the checkpoint is taken with every step applied
+    for cid in ("a", "b"):
+        r.commit(cid)
+    r.tick()
+    assert r.m.phase == Phase.ROUND_WITNESS and r.m.round.step == 2
+    r.m.applied("a", 2, r.now)
+    r.tick()
+    assert r.m.phase == Phase.ROUND_WITNESS  # b has not applied step 2 yet
+    r.m.applied("b", 2, r.now)
+    r.tick()
+    assert r.m.phase == Phase.COOLDOWN and r.m.step == 3
+    kinds = [e.kind for e in r.events]
+    assert kinds.count("round_accepted") == 3 and kinds.count("round_started") == 3
+
+
+def test_overlapped_round_defers_a_member_that_never_applies():
+    r = Run(overlap=True, round_witness_time=2.0, max_round_train_time=30.0)
+    r.start("a", "b")
+    for cid in ("a", "b"):
+        r.commit(cid)
+    r.tick()
+    assert r.m.round.step == 1
+    r.m.applied("a", 0, r.now)  # b never says it applied step 0
+    for _ in range(25):
+        r.beat("a", "b")
+        r.tick()
+    assert r.m.members["b"].status == "pending" and r.m.members["a"].status == "member"
+    assert any(e.kind == "deferred" and e.data["client_id"] == "b" for e in r.events)
+    r.commit("a")  # the round goes on without b
+    r.tick()
+    assert r.m.round.step == 2 and "b" not in r.m.round.assignments
+
+
+def test_applied_is_refused_for_a_step_no_round_holds():
+    r = Run(overlap=True)
+    r.start("a", "b")
+    with pytest.raises(Rejected, match="not being witnessed"):
+        r.m.applied("a", 0, r.now)  # step 0 is still training
+    for cid in ("a", "b"):
+        r.commit(cid)
+    r.tick()
+    r.m.applied("a", 0, r.now)
+    r.m.applied("a", 0, r.now)  # said twice: harmless
+    with pytest.raises(Rejected, match="not being witnessed"):
+        r.m.applied("a", 5, r.now)
+    for cid in ("a", "b"):
+        r.commit(cid)
+    r.tick()
+    assert r.m.round.step == 2
+    r.m.applied("b", 0, r.now)  # the slowest member's word on step 0 comes after step 1 closed: still taken
+    assert r.m.members["b"].applied_step == 0
+
+
+def test_batch_split_balances_round_times_not_only_training_speed():
+    rates, overheads = {"a": 1.0, "b": 2.0}, {"a": 2.0, "b": 0.0}  # a: slower and 2 s of fixed cost per round
+    plain = assign_batches(0, 12, rates)
+    balanced = assign_batches(0, 12, rates, overheads)
+    assert [plain[c].size for c in "ab"] == [4, 8]  # by speed alone a's round takes 2 + 4 = 6 s, b's 4 s
+    assert [balanced[c].size for c in "ab"] == [3, 9]  # a: 2 + 3 = 5 s, b: 4.5 s
+    round_time = lambda split: max(overheads[c] + split[c].size / rates[c] for c in "ab")  # noqa: E731
+    assert round_time(balanced) < round_time(plain)
+    # a fixed cost above the balanced round time leaves that client its minimum share
+    starved = assign_batches(0, 12, rates, {"a": 100.0, "b": 0.0})
+    assert starved["a"].size == 1 and starved["b"].size == 11
+    # no fixed costs: the split in proportion to throughput
+    assert assign_batches(0, 12, rates, {"a": 0.0, "b": 0.0}) == plain

@@ -122,12 +122,13 @@ def test_commits_are_signed_for_the_assigned_batch_and_validated(tmp_path):
         # alice's honest commit is accepted; the round (after bob's timeout would) ... ends now: bob is told to go
         assert await commit(auth_a, sha, a1 - a0, alice.sign_commitment(run_id, 0, "alice", sha, a0, a1), 200) is None
         service.machine.leave("bob", service.clock(), reason="test")
-        st = await wait_phase(s, url, "RoundWitness")
-        accepted = st["round"]["accepted"]
+        st = await wait_phase(s, url, "RoundTrain", step=1)  # overlapped: step 1 opens beside step 0's set
+        accepted = st["previous_round"]["accepted"]
         assert [c["client_id"] for c in accepted] == ["alice"]  # the rejected payloads never entered the set
         # a peer verifies the accepted set itself, from the state alone
         c = accepted[0]
-        verify_commitment(keys["alice"], c["signature"], run_id, 0, "alice", c["blob"], *st["round"]["assignments"]["alice"])
+        verify_commitment(keys["alice"], c["signature"], run_id, 0, "alice", c["blob"],
+                          *st["previous_round"]["assignments"]["alice"])
         with pytest.raises(SignatureError):
             verify_commitment(keys["bob"], c["signature"], run_id, 0, "alice", c["blob"], a0, a1)
 

@@ -51,6 +51,10 @@ class ScheduleSection(_Section):
     total_steps: int = Field(40, ge=1, description="optimizer steps of the whole run")
     heartbeat_interval: float = Field(1.0, gt=0, description="how often clients send a heartbeat")
     heartbeat_timeout: float = Field(15.0, gt=0, description="a client silent this long is dropped")
+    overlap: bool = Field(True, description=(
+        "overlapped rounds: step t+1 opens as soon as step t's accepted set is fixed, and each client trains t+1 "
+        "while it downloads and applies t (its gradient is taken one step stale, before step t is applied, as "
+        "Psyche does); false: every member applies step t before step t+1 opens"))
 
     @model_validator(mode="after")
     def _check(self) -> "ScheduleSection":

@@ -5,9 +5,12 @@
          -> (RoundWitness) fetch the accepted set -> validate/decode -> aggregate + apply -> say applied
          -> (Cooldown) report the replica hash -> ... -> (Finished) exit
 
-The loop is synchronous per round. While the round waits for slower peers (RoundTrain, after this client's
-own commit), it prefetches and decodes the results already committed; what is left of the accepted set is
-downloaded when the witness phase is published (`t_prefetch` and `t_download` in its RoundRecord).
+With overlapped rounds (`schedule.overlap`, the default) step t+1 opens as soon as step t's accepted set is
+fixed: the client trains t+1 on its weights before step t (one step stale) while t's results download in the
+background, then commits t+1, and only then decodes, aggregates and applies t. Time a fast client would spend
+waiting for a slower peer's commit goes into training. Without overlap the client applies t in RoundWitness
+before t+1 opens. Either way, while the round waits for slower peers it prefetches and decodes the results
+already committed (`t_prefetch` and `t_download` in its RoundRecord).
 Each action is idempotent (it checks what it already did), so a repeated or missed state update is harmless.
 Every message is a model of aftermath.round.protocol. The warmup loads the tier's weights AND its cut of the
 optimizer state from the checkpoint, so a late joiner or a resynced client applies rounds exactly as the others.
@@ -48,7 +51,7 @@ from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_sp
 from aftermath.model.geometry import max_tier
 from aftermath.round.protocol import (AcceptedResult, AppliedRequest, CheckpointAnswer, CommitRequest, CommitView,
                                       HashAnswer, HashRequest, HeartbeatRequest, JoinAnswer, JoinRequest,
-                                      ReadyRequest, RoundRecord, RunInfo, StateSnapshot)
+                                      ReadyRequest, RoundRecord, RoundView, RunInfo, StateSnapshot)
 from aftermath.round.replica import Replica
 from aftermath.runconfig import RunConfig, parse_run_config
 
@@ -145,15 +148,15 @@ class TrainingClient:
         self.data_id: str | None = None
         self.version = -1
         self.phase = ""
-        self.pending_timing: dict[str, Any] = {}
-        self.prefetched: dict[str, Any] = {}  # blob sha -> decoded payload of the current round
-        self.own_blob: tuple[str, bytes] = ("", b"")
+        self.pending_timing: dict[int, dict[str, Any]] = {}  # step -> timings of its training, until applied
+        self.prefetched: dict[str, Any] = {}  # blob sha -> decoded payload of a round not applied yet
+        self.own_blobs: dict[str, bytes] = {}  # sha -> this client's payloads not applied yet (never downloaded)
+        self.overhead = 0.0  # the last round's seconds outside training on the critical path (sent at commit)
         self.t_prefetch = 0.0
         self.failures = 0  # refused calls and failed transfers (reported in the stats)
         self.faults = FaultInjector(options.faults) if options.faults is not None and options.faults.active else None
         self.signer = Signer()  # a fresh keypair for every join
         self.peer_keys: dict[str, str] = {}  # client id -> public key, from the state
-        self.round_assignments: dict[str, tuple[int, int]] = {}  # the witnessed round's batch ranges
         self.hooks = options.hooks(before_crash=self.metrics.close)
         self.device = torch.device(options.device if options.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -325,21 +328,27 @@ class TrainingClient:
         self.peer_keys = {m.id: m.public_key for m in snap.members}
         if me.status != "member":
             return False  # waiting for the next epoch
-        rnd = snap.round
+        rnd, prev = snap.round, snap.previous_round
+        if prev is not None and (prev.accepted is None or rnd is None or prev.step != rnd.step - 1):
+            prev = None
         if phase == "Warmup" and me.ready_epoch != snap.epoch:
             await self._ensure_model(snap.checkpoint.step)
             await self.transport.call("POST", "/ready", ReadyRequest(epoch=snap.epoch).model_dump())
         elif phase == "RoundTrain" and rnd is not None:
             mine = rnd.assignments.get(self.client_id)
-            if mine and self.client_id not in rnd.committed and self.state.committed_step < rnd.step \
-                    and self.state.model_step == rnd.step:
-                await self._train(rnd.step, mine[0], mine[1])
+            # at step t the weights are at t, or at t - 1 while step t - 1 is still to apply (overlapped)
+            fresh = self.state.model_step == rnd.step or (prev is not None and self.state.model_step == prev.step)
+            if mine and self.client_id not in rnd.committed and self.state.committed_step < rnd.step and fresh:
+                await self._train(rnd.step, mine[0], mine[1], prev)
+            if prev is not None and self.state.model_step == prev.step:
+                await self._apply(prev.step, prev.accepted, prev.assignments)
             elif self.state.model_step == rnd.step:
                 await self._prefetch(rnd.step, rnd.commits)
         elif phase == "RoundWitness" and rnd is not None and rnd.accepted is not None:
-            self.round_assignments = rnd.assignments
+            if prev is not None and self.state.model_step == prev.step:
+                await self._apply(prev.step, prev.accepted, prev.assignments)
             if self.state.applied_step < rnd.step and self.state.model_step == rnd.step:
-                await self._apply(rnd.step, rnd.accepted)
+                await self._apply(rnd.step, rnd.accepted, rnd.assignments)
         elif phase == "Cooldown":
             if self.state.reported_epoch < snap.epoch and self.state.model_step == snap.step:
                 sha = await asyncio.get_running_loop().run_in_executor(None, self.replica.weights_sha256)
@@ -384,7 +393,7 @@ class TrainingClient:
             return Replica.build(model, self.config, self.spec, self.run, state)
 
         self.replica = await asyncio.get_running_loop().run_in_executor(None, load)
-        self.prefetched = {}
+        self.prefetched, self.own_blobs, self.pending_timing = {}, {}, {}
         self.state.model_step = ck.info.step
         # a fresh model at step S: nothing of step S or later is committed or applied in this timeline (after a
         # coordinator restart, the steps after its last checkpoint are trained again)
@@ -408,8 +417,14 @@ class TrainingClient:
         self.transport.stats.bytes_down += batch.numel() * (2 if self.config.vocab_size <= 65536 else 4)
         return batch
 
-    async def _train(self, step: int, start: int, end: int) -> None:
+    async def _train(self, step: int, start: int, end: int, previous: RoundView | None) -> None:
+        """Train and commit `step`; `previous` (overlapped rounds): the round to apply next, whose results
+        download while this step trains."""
         loop = asyncio.get_running_loop()
+        if previous is not None:
+            downloading = asyncio.create_task(self._prefetch(previous.step, previous.commits))
+            # a failed download is retried by the apply; never leave its error unretrieved
+            downloading.add_done_callback(lambda task: task.cancelled() or task.exception())
         t0 = time.perf_counter()
         batch = await self._batch(start, end)
         t_data = time.perf_counter() - t0
@@ -422,12 +437,12 @@ class TrainingClient:
         t2 = time.perf_counter()
         sha = await self.transport.put_blob(blob)
         self._passed(step, "upload")
-        self.own_blob = (sha, blob)  # decoded from memory at apply time, not downloaded again
+        self.own_blobs[sha] = blob  # decoded from memory at apply time, not downloaded again
         self.state.last_loss = result.loss
         self.state.tokens += result.tokens
         self.state.train_seconds += result.seconds
         request = CommitRequest(step=step, blob=sha, sequences=result.sequences, train_seconds=result.seconds,
-                                loss=result.loss if math.isfinite(result.loss) else 1e9, stats=self._stats(),
+                                overhead_seconds=round(self.overhead, 4), loss=result.loss if math.isfinite(result.loss) else 1e9, stats=self._stats(),
                                 signature=self.signer.sign_commitment(self.run.run_id, step, self.client_id, sha,
                                                                       start, end))
         await self.transport.call("POST", "/commit", request.model_dump())
@@ -435,9 +450,11 @@ class TrainingClient:
         self._passed(step, "commit")
         self.state.committed_step = step
         self.state.rounds += 1
-        self.pending_timing = {"t_data": t_data, "t_train": result.seconds, "t_encode": t_encode,
-                               "t_upload": t_upload, "payload_bytes": len(blob), "loss": result.loss,
-                               "sequences": result.sequences, "tokens": result.tokens}
+        self.pending_timing[step] = {"t_data": t_data, "t_train": result.seconds, "t_encode": t_encode,
+                                     "t_upload": t_upload, "payload_bytes": len(blob), "loss": result.loss,
+                                     "sequences": result.sequences, "tokens": result.tokens}
+        if previous is not None:
+            await asyncio.wait([downloading])  # what it could not get, the apply fetches
 
     # ------------------------------------------------------------------ a round: apply
     def _decode(self, data: bytes, step: int, client_id: str, tier: int | None) -> Any:
@@ -446,7 +463,7 @@ class TrainingClient:
         return self.replica.decode(data, step, client_id, spec)
 
     async def _fetch(self, sha: str) -> bytes:
-        return self.own_blob[1] if sha == self.own_blob[0] else await self.transport.get_blob(sha)
+        return self.own_blobs[sha] if sha in self.own_blobs else await self.transport.get_blob(sha)
 
     async def _prefetch(self, step: int, commits: dict[str, CommitView]) -> None:
         """While the round waits for slower peers, fetch and decode the results already committed."""
@@ -459,17 +476,18 @@ class TrainingClient:
             self.prefetched[c.blob] = await loop.run_in_executor(None, self._decode, data, step, cid, c.tier)
         self.t_prefetch += time.perf_counter() - started
 
-    async def _apply(self, step: int, accepted: list[AcceptedResult]) -> None:
+    async def _apply(self, step: int, accepted: list[AcceptedResult], assignments: dict[str, tuple[int, int]]) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        self._verify_accepted(step, accepted)
+        self._verify_accepted(step, accepted, assignments)
         missing = [c for c in accepted if c.blob not in self.prefetched]
         blobs = await asyncio.gather(*(self._fetch(c.blob) for c in missing))
         t_download = time.perf_counter() - t0
         self._passed(step, "download")
         t1 = time.perf_counter()
-        ready = {c.blob: self.prefetched[c.blob] for c in accepted if c.blob in self.prefetched}
-        self.prefetched = {}
+        ready = {c.blob: self.prefetched.pop(c.blob) for c in accepted if c.blob in self.prefetched}
+        # what is left belongs to later steps, or to results the round did not accept
+        self.prefetched = {sha: p for sha, p in self.prefetched.items() if p.step > step}
 
         def decode() -> list:
             for c, data in zip(missing, blobs):
@@ -488,10 +506,14 @@ class TrainingClient:
         t_prefetch, self.t_prefetch = self.t_prefetch, 0.0
         self.state.model_step = step + 1
         self.state.applied_step = step
+        self.own_blobs = {sha: b for sha, b in self.own_blobs.items() if sha not in {c.blob for c in accepted}}
         self._passed(step, "apply")
-        await self.transport.call("POST", "/applied", AppliedRequest(step=step).model_dump())
-        timing = self.pending_timing if self.state.committed_step == step else {}
-        self.pending_timing = {}
+        timing = self.pending_timing.pop(step, {})
+        # what the batch split must leave room for: the newest round's data, encode and upload, and this apply
+        newest = self.pending_timing[max(self.pending_timing)] if self.pending_timing else timing
+        self.overhead = sum(newest.get(k, 0.0) for k in ("t_data", "t_encode", "t_upload")) + t_download + \
+            t_decode + t_aggregate
+        self.pending_timing = {s: t for s, t in self.pending_timing.items() if s > step}
         stats = self._stats()
         train = timing.get("t_train")
         record = RoundRecord(
@@ -504,12 +526,14 @@ class TrainingClient:
             t_prefetch=round(t_prefetch, 4), prefetched=len(ready) - len(missing), t_download=round(t_download, 4),
             t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4), faults=self._faults())
         self._record(**record.model_dump(exclude={"time", "client_id", "tier", "spec"}))
+        await self.transport.call("POST", "/applied", AppliedRequest(step=step).model_dump())
 
-    def _verify_accepted(self, step: int, accepted: list[AcceptedResult]) -> None:
+    def _verify_accepted(self, step: int, accepted: list[AcceptedResult],
+                         assignments: dict[str, tuple[int, int]]) -> None:
         """Every result of the accepted set must be signed by its client for the range it was assigned."""
         for c in accepted:
             key = self.peer_keys.get(c.client_id, "")
-            rng = self.round_assignments.get(c.client_id)
+            rng = assignments.get(c.client_id)
             if not key or rng is None:
                 raise SignatureError(f"the accepted result of {c.client_id!r} at step {step} has no known key or "
                                      f"assignment; not applying this set")

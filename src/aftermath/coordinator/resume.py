@@ -3,8 +3,8 @@ and the refusal to resume a run whose config changed what the run computes.
 
 `state.json` records the run config it was written under. On resume every field that shapes the trajectory
 (TRAJECTORY_FIELDS: the seed, the model, the optimizer, the data and the batch, the run's length, which sets the
-LR schedule) is compared with the new config; a change is refused with every changed field named, unless the
-operator forces it (`--force-resume`). The run then goes on from the recorded data position, so no sequence is
+LR schedule, and the round schedule, which sets how stale each gradient is) is compared with the new config; a
+change is refused with every changed field named, unless the operator forces it (`--force-resume`). The run then goes on from the recorded data position, so no sequence is
 trained twice or skipped even when the global batch size changed.
 """
 
@@ -22,7 +22,7 @@ from aftermath.runconfig import RunConfig
 log = logging.getLogger("aftermath.coordinator")
 
 TRAJECTORY_FIELDS = ("seed", "model", "optimizer", "data.dir", "data.seq_len", "schedule.global_batch_size",
-                     "schedule.total_steps")
+                     "schedule.total_steps", "schedule.overlap")
 
 
 @dataclass

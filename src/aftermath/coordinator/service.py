@@ -566,7 +566,8 @@ class CoordinatorService:
         data = self.blobs.get(req.blob)
         loop = asyncio.get_running_loop()
         commit = Commit(client_id=cid, step=req.step, blob=req.blob, tier=spec.tier, spec=spec.name,
-                        sequences=req.sequences, train_seconds=req.train_seconds, loss=req.loss)
+                        sequences=req.sequences, train_seconds=req.train_seconds, loss=req.loss,
+                        overhead_seconds=req.overhead_seconds)
         try:
             self._verify_signature(cid, req)
             payload = await loop.run_in_executor(None, self._decode, data, req.step, cid)

@@ -16,6 +16,11 @@ Phases:
 - RoundWitness: the accepted set (the results that came in, sorted by client id) is published; every member
   applies exactly that set and says so. Ends when all have applied, else at `round_witness_time` (members
   that have not applied are out of sync: they leave the epoch and resynchronise at the next one).
+- Overlapped rounds (`schedule.overlap`): when a round's accepted set is fixed and the epoch goes on, the next
+  RoundTrain opens at once, and the members apply the set while they train the next step (their gradient is
+  one step stale). A member must still say it applied each step within `round_witness_time` of its accepted
+  set, or it leaves the epoch. The epoch's last round (and a round the operator pauses after) ends in a
+  RoundWitness, so the checkpoint and the hashes are taken with every step applied.
 - Cooldown: the epoch's checkpoint is written (the service says when: `checkpoint_done`) and members report
   their replica hash. Ends when the checkpoint is done and every member has reported (or `cooldown_time`).
 
@@ -73,10 +78,12 @@ class Member:
     last_seen: float
     status: str = "pending"  # pending (waits for an epoch), member (in the epoch), gone
     throughput: float = 1.0  # sequences/s: declared at join, then measured (moving average)
+    overhead: float = 0.0  # seconds per round outside training that it cannot hide (moving average)
     ready_epoch: int = -1  # the epoch this member said it is ready for
     rounds_contributed: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # last reported loss, bytes, tokens/s ...
     resync_epoch: int = -1  # the epoch at whose end its replica hash was found to differ (it must reload)
+    applied_step: int = -1  # the last step whose accepted set this member said it applied
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "tier": self.info.tier, "spec": self.info.spec, "device": self.info.device,
@@ -99,6 +106,7 @@ class Commit:
     train_seconds: float
     loss: float
     signature: str = ""  # the client's ed25519 signature of the commitment (aftermath.crypto)
+    overhead_seconds: float = 0.0  # its last round's time outside training on its critical path
 
     def to_json(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "step": self.step, "blob": self.blob, "tier": self.tier,
@@ -113,7 +121,8 @@ class Round:
     started_at: float
     assignments: dict[str, BatchRange]
     commits: dict[str, Commit] = field(default_factory=dict)
-    accepted: list[Commit] | None = None  # published when the witness phase starts
+    accepted: list[Commit] | None = None  # published when the round's training ends
+    accepted_at: float | None = None
     applied: set[str] = field(default_factory=set)
 
     def to_json(self) -> dict[str, Any]:
@@ -250,6 +259,7 @@ class RunStateMachine:
             raise Rejected(f"client {client_id!r} is {member.status}: it waits for the next epoch")
         if member.ready_epoch != epoch:
             member.ready_epoch = epoch
+            member.applied_step = self.step - 1  # it loaded the model at the epoch's first step
             self.version += 1
 
     def commit(self, commit: Commit, now: float) -> None:
@@ -273,19 +283,26 @@ class RunStateMachine:
         if commit.train_seconds > 0:  # measured throughput, smoothed
             measured = commit.sequences / commit.train_seconds
             member.throughput = 0.5 * member.throughput + 0.5 * measured
+            member.overhead = 0.5 * member.overhead + 0.5 * commit.overhead_seconds
         self.version += 1
 
     def applied(self, client_id: str, step: int, now: float) -> None:
+        """`client_id` applied the accepted set of `step`, a step of this epoch whose set is published."""
         member = self.heartbeat(client_id, now)
-        rnd = self.round
-        if self.phase != Phase.ROUND_WITNESS or rnd is None or rnd.step != step:
-            raise Rejected(f"step {step} is not being witnessed (phase {self.phase.value}, "
-                           f"step {rnd.step if rnd else None})")
+        accepted = [r for r in (self.round, self.last_round) if r is not None and r.accepted is not None]
+        latest = max((r.step for r in accepted), default=-1)
+        # with overlapped rounds the slowest member's word on step t comes after step t + 1 closed
+        if not self.epoch_start_step <= step <= latest:
+            raise Rejected(f"step {step} is not being witnessed (phase {self.phase.value}, the last accepted "
+                           f"step of epoch {self.epoch} is {latest if latest >= self.epoch_start_step else None})")
         if member.status != "member":
             raise Rejected(f"client {client_id!r} is {member.status}, not in this epoch")
-        if client_id not in rnd.applied:
-            rnd.applied.add(client_id)
+        if step > member.applied_step:
+            member.applied_step = step
             self.version += 1
+        for rnd in accepted:
+            if rnd.step == step:
+                rnd.applied.add(client_id)
 
     def report_hash(self, client_id: str, epoch: int, step: int, weights_sha256: str, now: float) -> None:
         member = self.heartbeat(client_id, now)
@@ -369,15 +386,24 @@ class RunStateMachine:
         if phase == Phase.ROUND_TRAIN:
             rnd = self.round
             assert rnd is not None
+            if self._defer_late_appliers(self.last_round, now):
+                return True
             live = {m.id for m in self.active()}
             waiting = [cid for cid in rnd.assignments if cid in live and cid not in rnd.commits]
             if not waiting or now >= self.deadline():
                 rnd.accepted = [rnd.commits[cid] for cid in sorted(rnd.commits)]
+                rnd.accepted_at = now
                 for c in rnd.accepted:
                     self.members[c.client_id].rounds_contributed += 1
-                self._set_phase(Phase.ROUND_WITNESS, now)
                 self._emit("round_accepted", step=rnd.step, accepted=[c.to_json() for c in rnd.accepted],
                            missing=sorted(set(rnd.assignments) - set(rnd.commits)))
+                if s.overlap and not self.paused and not self._epoch_over(rnd.step + 1, now):
+                    # the next step trains while this one is applied
+                    self.step = rnd.step + 1
+                    self.last_round, self.round = rnd, None
+                    self._start_round(now)
+                else:
+                    self._set_phase(Phase.ROUND_WITNESS, now)
                 return True
             return False
         if phase == Phase.ROUND_WITNESS:
@@ -393,18 +419,14 @@ class RunStateMachine:
             rnd = self.round
             assert rnd is not None
             members = self.active()
-            if all(m.id in rnd.applied for m in members) or now >= self.deadline():
+            if all(m.applied_step >= rnd.step for m in members) or now >= self.deadline():
                 for m in members:
-                    if m.id not in rnd.applied:  # out of sync: resynchronise from the next checkpoint
+                    if m.applied_step < rnd.step:  # out of sync: resynchronise from the next checkpoint
                         m.status = "pending"
                         self._emit("deferred", client_id=m.id, reason=f"did not apply step {rnd.step} in time")
                 self.step = rnd.step + 1
                 self.last_round, self.round = rnd, None
-                epoch_over = (self.step - self.epoch_start_step >= s.rounds_per_epoch
-                              or self.step >= s.total_steps
-                              or (s.epoch_time > 0 and now - self.epoch_started >= s.epoch_time)
-                              or len(self.active()) < s.min_clients)
-                if epoch_over:
+                if self._epoch_over(self.step, now):
                     self._set_phase(Phase.COOLDOWN, now)
                     self._emit("epoch_ended", epoch=self.epoch, step=self.step)
                 elif not self.paused:
@@ -428,12 +450,32 @@ class RunStateMachine:
             return False
         return False
 
+    def _epoch_over(self, step: int, now: float) -> bool:
+        """Whether the epoch ends before `step` (the next step to train)."""
+        s = self.schedule
+        return (step - self.epoch_start_step >= s.rounds_per_epoch or step >= s.total_steps
+                or (s.epoch_time > 0 and now - self.epoch_started >= s.epoch_time)
+                or len(self.active()) < s.min_clients)
+
+    def _defer_late_appliers(self, rnd: Round | None, now: float) -> bool:
+        """Overlapped rounds: members that have not applied `rnd` (the round before the one in training) within
+        `round_witness_time` of its accepted set leave the epoch, as a late member leaves a RoundWitness."""
+        if rnd is None or rnd.accepted_at is None or now < rnd.accepted_at + self.schedule.round_witness_time:
+            return False
+        late = [m for m in self.active() if m.applied_step < rnd.step]
+        for m in late:
+            m.status = "pending"
+            self._emit("deferred", client_id=m.id, reason=f"did not apply step {rnd.step} in time")
+        if late:
+            self.version += 1
+        return bool(late)
+
     def _start_round(self, now: float) -> None:
         members = self.active()
         if self.phase == Phase.WARMUP:
             self.epoch_started = now
         assignments = assign_batches(self.data_position(self.step), self.schedule.global_batch_size,
-                                     {m.id: m.throughput for m in members})
+                                     {m.id: m.throughput for m in members}, {m.id: m.overhead for m in members})
         self.round = Round(step=self.step, epoch=self.epoch,
                            started_at=now, assignments=assignments)
         self._set_phase(Phase.ROUND_TRAIN, now)
@@ -465,6 +507,8 @@ class RunStateMachine:
             "rounds_per_epoch": self.schedule.rounds_per_epoch,
             "global_batch_size": self.schedule.global_batch_size,
             "round": None if rnd is None else rnd.to_json(),
+            # overlapped rounds: the accepted set members apply while they train `round`
+            "previous_round": None if self.round is None or self.last_round is None else self.last_round.to_json(),
             "checkpoint": {"epoch": self.checkpoint_epoch, "step": self.checkpoint_step},
             "members": [m.to_json() for _, m in sorted(self.members.items())],
         }

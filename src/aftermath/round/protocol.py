@@ -67,6 +67,9 @@ class CommitRequest(WithStats):
     blob: str = Field(pattern=SHA256)
     sequences: StrictInt = Field(gt=0)
     train_seconds: float = Field(ge=0, le=1e6)
+    overhead_seconds: float = Field(0.0, ge=0, le=1e6, description=(
+        "its last round's time outside training on its critical path (data, encode, upload, apply): the batch "
+        "split balances round times with it"))
     loss: float
     signature: str | None = Field(None, pattern=r"^[0-9a-f]{128}$",
                                   description="ed25519 signature of the commitment (aftermath.crypto)")
@@ -138,7 +141,7 @@ class RoundView(Message):
     assignments: dict[str, tuple[int, int]] = Field(description="client id -> global sequences [start, end)")
     committed: list[str]
     commits: dict[str, CommitView]
-    accepted: list[AcceptedResult] | None = Field(description="published when the witness phase starts")
+    accepted: list[AcceptedResult] | None = Field(description="published when the round's training ends")
     applied: list[str]
 
 
@@ -163,6 +166,8 @@ class StateSnapshot(Message):
     rounds_per_epoch: int
     global_batch_size: int
     round: RoundView | None
+    previous_round: RoundView | None = Field(None, description=(
+        "overlapped rounds: the round before `round`, whose accepted set the members apply while they train"))
     checkpoint: CheckpointPointer
     members: list[MemberView]
     finished: bool = Field(False, description="the summary is written")
