@@ -1,13 +1,15 @@
 """bench/bandwidth.py, bench/scale.py and bench/overhead.py: each runs end to end and its JSON holds sane numbers.
 
 bandwidth and scale run as scripts (`--quick`, reduced further) in subprocesses. overhead's end-to-end run is a
-whole testnet (minutes on a loaded 2-core machine), so here its two measuring functions run on real inputs: a
-metrics JSONL written the way the client writes it, and the plain PyTorch loop for two steps.
+whole testnet (minutes on a loaded 2-core machine), so here its measuring functions run on real inputs: a
+metrics JSONL written the way the client writes it, the plain PyTorch loop for two steps, the side-by-side
+plain loops (two spawned processes, two steps each) and the report over repeats.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,21 +77,48 @@ def test_overhead_measures(tmp_path: Path) -> None:
     from aftermath.round.protocol import RoundRecord
 
     lines = []
-    for step in range(4):  # round k ends at time 10 + 2k: 2 s per round, 1.5 s of it forward/backward
+    for step in range(5):  # round k ends at time 10 + 2k: 2 s per round, 1.5 s of it forward/backward
         # the record the client writes (its model), so this test cannot drift from the client's format
         lines.append(RoundRecord(
             time=10.0 + 2 * step, client_id="client-0", tier=1, spec="tier1", step=step, loss=5.0, tokens=1280,
             sequences=10, tokens_per_s=853.3, bytes_up=0, bytes_down=0, peak_memory=0, payload_bytes=100,
-            accepted=1, t_data=0.01, t_train=1.5, t_encode=0.1, t_upload=0.05, t_prefetch=0.0, prefetched=0,
+            accepted=1, t_data=0.01, t_train=1.5, t_encode=0.1, t_upload=0.05, t_prefetch=0.3, prefetched=0,
             t_download=0.02, t_decode=0.01, t_aggregate=0.2, faults={}).model_dump())
+    lines[-1]["time"] = 18.5  # the last round trains nothing new (overlapped: it trained the round before): left out
     lines.insert(1, {"time": 10.5, "client_id": "client-0", "event": "heartbeat"})  # other records are skipped
     (metrics / "client-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (row,) = overhead.network_rates(tmp_path)
-    assert row["tier"] == 1 and row["rounds"] == 2  # the first round is warm-up; 2 pairs remain
+    assert row["tier"] == 1 and row["rounds"] == 2  # the first round is warm-up, the last the tail; 2 remain
     assert row["tokens_per_s_round"] == pytest.approx(640.0)
     assert row["tokens_per_s_train"] == pytest.approx(1280 / 1.5)
-    assert row["outside_fwd_bwd_share"] == pytest.approx(0.25)
+    assert row["outside_fwd_bwd_share"] == pytest.approx(0.25) == row["critical_path_share"]
+    assert row["critical_path_s"] == pytest.approx(0.5)
+    # prefetch runs beside training or the wait: not on the critical path, not subtracted from "other"
     assert row["t_other"] == pytest.approx(2.0 - (0.01 + 1.5 + 0.1 + 0.05 + 0.02 + 0.2 + 0.01))
+    assert row["t_upload_share"] == pytest.approx(0.025) and row["t_prefetch_share"] == pytest.approx(0.15)
+    assert sum(row[f"{p}_share"] for p in overhead.CRITICAL) == pytest.approx(0.25)
 
     plain = overhead.plain_loop("tiny", 1, sequences=4, seq_len=32, micro=2, steps=2, lr=1e-3)
-    assert plain["tokens_per_step"] == 128 and plain["tokens_per_s"] > 0
+    assert plain["tokens_per_step"] == 128 and plain["tokens_per_s"] > 0 and plain["busy_steps_after"] == 0
+
+    # side by side: one spawned process per client, measured at the same time; the faster keeps training
+    jobs = [dict(preset="tiny", tier=0, sequences=4, seq_len=32, micro=2, steps=2, lr=1e-3),
+            dict(preset="tiny", tier=2, sequences=2, seq_len=32, micro=2, steps=2, lr=1e-3)]
+    both = overhead.side_by_side(jobs, timeout=120)
+    assert [r["tier"] for r in both] == [0, 2] and [r["tokens_per_step"] for r in both] == [128, 64]
+    assert all(r["tokens_per_s"] > 0 for r in both)
+    (skew,) = {r["start_skew_s"] for r in both}
+    assert skew < 2.0 and both[0]["measured_together_s"] > 0  # they really ran at the same time
+    assert len({os.getpid(), *(r["pid"] for r in both)}) == 3  # in two other processes
+
+    # the report: per link/schedule/client, min and median over repeats, and overlap against sync
+    def run(link, schedule, ratio, round_s):
+        return {"link": link, "schedule": schedule, "clients": [{
+            **row, "round_s": round_s, "plain_tokens_per_s": 1000.0, "network_over_plain": ratio}]}
+
+    summary = overhead.summarize([run("home", "overlap", 0.5, 2.0), run("home", "overlap", 0.7, 2.0),
+                                  run("home", "overlap", 0.9, 2.0), run("home", "sync", 0.4, 3.0)])
+    assert [(s["schedule"], s["repeats"]) for s in summary] == [("overlap", 3), ("sync", 1)]
+    assert summary[0]["network_over_plain_min"] == 0.5 and summary[0]["network_over_plain_median"] == 0.7
+    made = overhead.tables(summary)
+    assert set(made) == {"rates", "parts", "overlap_vs_sync"} and made["overlap_vs_sync"][2][0][5] == "1.50x"

@@ -2,6 +2,11 @@
 and byte counters. Every request to the coordinator goes through `Transport._send`, where fault injection
 (latency, loss, bandwidth) is applied; token batches from the data server are fetched by aftermath.data.server
 and pass `Transport.gate` first, which injects the same latency and loss.
+
+The bandwidth limit has a rate per direction (aftermath.faults: `--fault-bandwidth-up`, `--fault-bandwidth-down`):
+what a request sends (blob PUTs, commit, heartbeat and every other JSON body) is held to the upload rate before
+it leaves; what it receives (blob GETs, checkpoint files, state and other JSON answers) is held to the download
+rate once it has arrived.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ class Transport:
         """One request with retries on connection errors, 5xx and 429; returns (status, body) of the final answer.
 
         With fault injection, every attempt is delayed, maybe dropped (handled as a lost connection: retried)
-        and held to the bandwidth limit, up and down."""
+        and held to the bandwidth limits: its body to the upload rate, its answer to the download rate."""
         headers = {"Content-Type": content_type} if body is not None else {}
         if auth and self.auth:
             headers["Authorization"] = f"Bearer {self.auth}"
@@ -72,21 +77,22 @@ class Transport:
         for attempt in range(self.retries + 1):
             try:
                 self.stats.requests += 1
-                if self.faults is not None:
+                if self.faults is not None:  # latency, maybe a drop, then the body through the upload pipe
                     await self.faults.before_request(_kind(method, path), len(body or b""))
                 async with self.session.request(method, self.base_url + path, data=body, headers=headers,
                                                 params=params, timeout=timeout or self.timeout) as resp:
                     data = await resp.read()
-                    self.stats.bytes_up += len(body or b"")
-                    self.stats.bytes_down += len(data)
-                    if self.faults is not None:
-                        await self.faults.after_response(len(data))
-                    retry_after = 0.0
-                    if resp.status >= 500 or resp.status == 429:  # 429: the coordinator's rate limit
-                        last = CoordinatorError(resp.status, data[:200].decode(errors="replace"))
-                        retry_after = _retry_after(resp.headers.get("Retry-After"))
-                    else:
-                        return resp.status, data
+                    status, retry_header = resp.status, resp.headers.get("Retry-After")
+                self.stats.bytes_up += len(body or b"")
+                self.stats.bytes_down += len(data)
+                if self.faults is not None:  # the answer through the download pipe (outside the request's timeout)
+                    await self.faults.after_response(len(data))
+                retry_after = 0.0
+                if status >= 500 or status == 429:  # 429: the coordinator's rate limit
+                    last = CoordinatorError(status, data[:200].decode(errors="replace"))
+                    retry_after = _retry_after(retry_header)
+                else:
+                    return status, data
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, InjectedDrop) as exc:
                 last = exc
                 retry_after = 0.0

@@ -65,14 +65,23 @@ def add_fault_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fault-loss", type=float, default=0.0, metavar="FRACTION",
                    help="drop this fraction of requests and blob transfers (they are retried), e.g. 0.1")
     g.add_argument("--fault-bandwidth", type=float, default=0.0, metavar="BYTES_PER_S",
-                   help="limit uploads and downloads to this many bytes per second each")
+                   help="limit uploads and downloads to this many bytes per second each (0 = unlimited)")
+    g.add_argument("--fault-bandwidth-up", type=float, default=0.0, metavar="BYTES_PER_S",
+                   help="limit uploads (blob uploads, commits, every request body) to this many bytes per second; "
+                   "overrides --fault-bandwidth for uploads. E.g. 1250000 = 10 Mbit/s, a home line's upload "
+                   "(default 0 = --fault-bandwidth, or unlimited)")
+    g.add_argument("--fault-bandwidth-down", type=float, default=0.0, metavar="BYTES_PER_S",
+                   help="limit downloads (peers' blobs, checkpoint files, state and other answers) to this many "
+                   "bytes per second; overrides --fault-bandwidth for downloads. E.g. 6250000 = 50 Mbit/s "
+                   "(default 0 = --fault-bandwidth, or unlimited)")
     g.add_argument("--fault-seed", type=non_negative_int, default=0, help="seed of the injected faults (default 0)")
 
 
 def fault_config_from_args(args: argparse.Namespace):
     from aftermath.faults import make_fault_config
 
-    return make_fault_config(args.fault_latency_ms, args.fault_loss, args.fault_bandwidth, args.fault_seed)
+    return make_fault_config(args.fault_latency_ms, args.fault_loss, args.fault_bandwidth, args.fault_seed,
+                             bandwidth_up=args.fault_bandwidth_up, bandwidth_down=args.fault_bandwidth_down)
 
 
 def run(args: argparse.Namespace) -> int:
