@@ -80,15 +80,18 @@ def test_coordinator_killed_and_restarted_on_its_run_dir(tmp_path):
     summary = run_testnet(out, 6, kill_coordinator_at_step=3)
     assert summary["steps"] == 6 and summary["coordinator_restarts"] == 1
     assert summary["replicas_consistent"] is True, summary["unrecovered"]
-    applied = [r["step"] for r in coordinator_records(out, "applied")]
-    # the restart: where the applied steps go back (steps after the last checkpoint are redone)
-    restart = next(i for i in range(1, len(applied)) if applied[i] <= applied[i - 1])
-    resumed_at = applied[restart]
+    records = [r for r in read_metrics(out / "metrics" / "coordinator.jsonl") if r.get("event") in
+               ("applied", "resumed")]
+    # the restart: the restarted process says where it resumes; the steps after its checkpoint are redone
+    restart = next(i for i, r in enumerate(records) if r["event"] == "resumed")
+    resumed_at = records[restart]["step"]
+    before = [r["step"] for r in records[:restart] if r["event"] == "applied"]
+    after = [r["step"] for r in records[restart:] if r["event"] == "applied"]
     checkpoints = [r["step"] for r in coordinator_records(out, "checkpoint")]
     assert resumed_at >= 2 and resumed_at in checkpoints  # no completed epoch lost
     # no batch of a completed (checkpointed) step trained twice; every step applied after the restart
-    assert sorted(s for s in applied if s < resumed_at) == list(range(resumed_at))
-    assert applied[restart:] == list(range(resumed_at, 6))
+    assert sorted(s for s in before if s < resumed_at) == list(range(resumed_at))
+    assert after == list(range(resumed_at, 6))
     for i in range(3):  # the clients reconnected and trained after the restart
         rounds = [r["step"] for r in read_metrics(out / "metrics" / f"client-{i}.jsonl") if r.get("event") == "round"]
         assert 5 in rounds

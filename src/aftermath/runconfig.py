@@ -53,8 +53,8 @@ class ScheduleSection(_Section):
     heartbeat_timeout: float = Field(15.0, gt=0, description="a client silent this long is dropped")
     overlap: bool = Field(True, description=(
         "overlapped rounds: step t+1 opens as soon as step t's accepted set is fixed, and each client trains t+1 "
-        "while it downloads and applies t (its gradient is taken one step stale, before step t is applied, as "
-        "Psyche does); false: every member applies step t before step t+1 opens"))
+        "while it downloads and applies t (its weights are still before t: it takes the gradient at them moved by "
+        "its own payload of t, Psyche's look-ahead); false: every member applies step t before step t+1 opens"))
 
     @model_validator(mode="after")
     def _check(self) -> "ScheduleSection":

@@ -6,8 +6,9 @@
          -> (Cooldown) report the replica hash -> ... -> (Finished) exit
 
 With overlapped rounds (`schedule.overlap`, the default) step t+1 opens as soon as step t's accepted set is
-fixed: the client trains t+1 on its weights before step t (one step stale) while t's results download in the
-background, then commits t+1, and only then decodes, aggregates and applies t. Time a fast client would spend
+fixed: the client trains t+1 while t's results download in the background, then commits t+1, and only then
+decodes, aggregates and applies t. Its weights are still before step t, so it takes the gradient where they will
+be: its own payload of step t applied alone (Psyche's look-ahead; the replica is restored bit for bit after). Time a fast client would spend
 waiting for a slower peer's commit goes into training. Without overlap the client applies t in RoundWitness
 before t+1 opens. Either way, while the round waits for slower peers it prefetches and decodes the results
 already committed (`t_prefetch` and `t_download` in its RoundRecord).
@@ -413,8 +414,8 @@ class TrainingClient:
         await self.transport.gate("data")
         batch = await fetch_sequences(self.opts.coordinator, start, end, self.run.data.seq_len, seed=self.run.seed,
                                       split="train", session=self.transport.session)
-        # counted as downloaded bytes (the server sends 2 or 4 bytes per token)
-        self.transport.stats.bytes_down += batch.numel() * (2 if self.config.vocab_size <= 65536 else 4)
+        # the server sends 2 or 4 bytes per token
+        await self.transport.received(batch.numel() * (2 if self.config.vocab_size <= 65536 else 4))
         return batch
 
     async def _train(self, step: int, start: int, end: int, previous: RoundView | None) -> None:
@@ -429,7 +430,8 @@ class TrainingClient:
         batch = await self._batch(start, end)
         t_data = time.perf_counter() - t0
         micro = self.run.train.micro_batch_size
-        result = await loop.run_in_executor(None, self.replica.train, batch.to(self.device), micro)
+        lookahead = self._own_result(previous) if previous is not None else None
+        result = await loop.run_in_executor(None, self.replica.train, batch.to(self.device), micro, lookahead)
         t1 = time.perf_counter()
         blob = await loop.run_in_executor(None, self.replica.encode, result.grads, step, self.client_id)
         t_encode = time.perf_counter() - t1
@@ -455,6 +457,14 @@ class TrainingClient:
                                      "sequences": result.sequences, "tokens": result.tokens}
         if previous is not None:
             await asyncio.wait([downloading])  # what it could not get, the apply fetches
+
+    def _own_result(self, previous: RoundView) -> Any:
+        """This client's own accepted payload of the step in flight, when the weights are still before it (the
+        look-ahead of an overlapped round); None when it has none there."""
+        mine = next((c for c in previous.accepted or [] if c.client_id == self.client_id), None)
+        if self.state.model_step != previous.step or mine is None or mine.blob not in self.own_blobs:
+            return None
+        return self._decode(self.own_blobs[mine.blob], previous.step, self.client_id, self.spec.tier)
 
     # ------------------------------------------------------------------ a round: apply
     def _decode(self, data: bytes, step: int, client_id: str, tier: int | None) -> Any:

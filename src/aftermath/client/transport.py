@@ -108,6 +108,13 @@ class Transport:
         if self.faults is not None:
             await self.faults.before_request(kind, 0)
 
+    async def received(self, nbytes: int) -> None:
+        """Count `nbytes` that came from elsewhere than `_send` (token batches) and hold them to the download
+        limit of the fault injector."""
+        self.stats.bytes_down += nbytes
+        if self.faults is not None:
+            await self.faults.after_response(nbytes)
+
     # ------------------------------------------------------------------ calls
     async def call(self, method: str, path: str, payload: dict[str, Any] | None = None, *,
                    params: dict[str, Any] | None = None, auth: bool = True,

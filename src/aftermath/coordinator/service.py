@@ -163,6 +163,8 @@ class CoordinatorService:
         self.limiter = RateLimiter(run.network.rate_limit, run.network.rate_burst)
         self.rejected = 0  # commits refused (bad payload, bad signature, not assigned ...)
         self.metrics = MetricsWriter(self.run_dir / "metrics" / "coordinator.jsonl")
+        if self.resume is not None:  # where this process takes the run up again (the steps after it are redone)
+            self.metrics.write(event="resumed", step=self.resume.step, epoch=self.resume.epoch)
         self.sessions = Sessions()
         self.events: list[dict[str, Any]] = []  # recent events, for watchers (bounded)
         self.decoded: dict[str, Payload] = {}  # blob sha -> payload decoded (validated) at commit, until applied

@@ -105,13 +105,34 @@ class Replica:
         return cls(model, universal, spec, run, rule)
 
     # ------------------------------------------------------------------ training
-    def train(self, batch: torch.Tensor, micro_batch_size: int) -> TrainResult:
-        """Forward/backward of `batch` ([n, seq_len + 1] token ids) at this replica's spec, in micro-batches."""
+    def train(self, batch: torch.Tensor, micro_batch_size: int, lookahead: Payload | None = None) -> TrainResult:
+        """Forward/backward of `batch` ([n, seq_len + 1] token ids) at this replica's spec, in micro-batches.
+
+        `lookahead` (overlapped rounds): this replica's own payload of the step still in flight. The gradient is
+        then taken where the weights are expected once that step lands (the payload applied alone, as Psyche's
+        look-ahead does), and the weights are restored bit for bit afterwards. Only for an update rule whose
+        apply reads no state (DisTrO): applying a payload must leave nothing behind but the weights."""
         start = time.perf_counter()
         model = self.model
         model.train()
         for p in model.parameters():
             p.grad = None
+        saved = None
+        if lookahead is not None and not self.rule.state_dict():
+            saved = {n: p.detach().clone() for n, p in self.rule.params.items()}
+            self.rule.aggregate_and_apply([lookahead], lookahead.step)
+        try:
+            result = self._forward_backward(batch, micro_batch_size)
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    for n, p in self.rule.params.items():
+                        p.copy_(saved[n])
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _forward_backward(self, batch: torch.Tensor, micro_batch_size: int) -> TrainResult:
+        model = self.model
         n = batch.shape[0]
         total = 0.0
         spec = None if model.spec == self.spec else self.spec
@@ -121,8 +142,7 @@ class Replica:
             (loss * (part.shape[0] / n)).backward()
             total += loss.item() * part.shape[0]
         grads = {name: p.grad for name, p in model.named_parameters()}
-        return TrainResult(grads=grads, loss=total / n, sequences=n, tokens=n * (batch.shape[1] - 1),
-                           seconds=time.perf_counter() - start)
+        return TrainResult(grads=grads, loss=total / n, sequences=n, tokens=n * (batch.shape[1] - 1), seconds=0.0)
 
     def encode(self, grads: dict[str, torch.Tensor | None], step: int, client_id: str) -> bytes:
         # the sender state (DisTrO's momentum) lives on the CPU, whatever device trains
