@@ -72,11 +72,15 @@ def dct_chunks(x: torch.Tensor, chunk: tuple[int, ...], dtype: torch.dtype | Non
     """DCT-II coefficients of every chunk of `x`: shape (n_chunks, prod(chunk)), in `dtype` (default x's)."""
     dtype = dtype or x.dtype
     bases = bases or Bases()
-    blocks = to_chunks(x.to(dtype), chunk)
+    x = x.to(dtype)
     if x.dim() == 1:
-        return blocks @ bases.get(chunk[0], dtype).T
-    b0, b1 = bases.get(chunk[0], dtype), bases.get(chunk[1], dtype)
-    return _left(_right(blocks, b1.T), b0).reshape(blocks.shape[0], -1)
+        return to_chunks(x, chunk) @ bases.get(chunk[0], dtype).T
+    # both transforms in the tensor's own layout (no copy into chunk order first), then one copy into chunk order
+    rows, cols = x.shape
+    c0, c1 = chunk
+    right = x.reshape(rows * cols // c1, c1) @ bases.get(c1, dtype).T  # every chunk row times B1^T
+    both = torch.matmul(bases.get(c0, dtype), right.reshape(rows // c0, c0, cols))  # B0 times every chunk column
+    return both.reshape(rows // c0, c0, cols // c1, c1).permute(0, 2, 1, 3).reshape(-1, c0 * c1)
 
 
 def idct_chunks(coeffs: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...],
