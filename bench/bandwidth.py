@@ -15,7 +15,11 @@ Wires (all wire version 2: 12-bit packed indices for 64 x 64 chunks, a header of
 default, top-4 with 1-bit signs (Psyche's production setting); top-32 with 1-bit signs; top-32 with float32
 values (the settings of the version-1 default, which measured 42x below dense bf16 at gpt2-124m).
 
-Run:   .venv/bin/python bench/bandwidth.py --out bench/results/bandwidth.json   (small + gpt2-124m, ~2 minutes)
+A real testnet (`--testnet-steps N`): two clients (tiers 0 and 1) per preset run N steps, and summary.json says
+how many bytes each sent in all (payloads, commits, heartbeats, state requests), per step.
+
+Run:   .venv/bin/python bench/bandwidth.py --out bench/results/bandwidth.json   (small + gpt2-124m, ~10 s)
+       add --testnet-steps 12 --presets small for the real testnet (a few minutes)
 Quick: .venv/bin/python bench/bandwidth.py --quick --out /tmp/bandwidth.json    (tiny + small)
 """
 
@@ -80,11 +84,38 @@ def round_traffic(sizes: list[int]) -> dict[str, float]:
     return {"up_max": max(sizes), "down_max": max(total - s for s in sizes), "total": len(sizes) * total}
 
 
+def testnet_bytes(preset: str, steps: int, console: Any) -> list[dict[str, Any]]:
+    """A real testnet (tiers 0 and 1, the default wire): bytes each client sent per step, from summary.json,
+    against the dense bf16 gradient of its region. Everything a client sends counts (payloads, commits,
+    heartbeats, state requests)."""
+    import tempfile
+
+    from aftermath.model import parameter_count, preset_config, tier_spec
+    from aftermath.testnet import Testnet, TestnetOptions
+
+    cfg = preset_config(preset)
+    with tempfile.TemporaryDirectory(prefix="aftermath-bandwidth-") as tmp:
+        options = TestnetOptions(clients=2, tiers=[0, 1], steps=steps, out=Path(tmp) / "out", live=False, threads=1,
+                                 extra_overrides={"model.preset": preset, "schedule.rounds_per_epoch": steps})
+        summary = Testnet(options, console=console).run()
+    rows = []
+    for c in summary["clients"]:
+        dense = 2 * parameter_count(cfg, tier_spec(cfg, c["tier"]))
+        per_step = c["bytes_up"] / max(1, c["rounds_contributed"])
+        rows.append({"preset": preset, "client": c["id"], "tier": c["tier"], "steps": c["rounds_contributed"],
+                     "bytes_up": c["bytes_up"], "bytes_up_per_step": per_step, "dense_bf16": dense,
+                     "x_below_bf16": dense / per_step, "replicas_consistent": summary["replicas_consistent"]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny and small presets (seconds)")
     ap.add_argument("--presets", default=None, help="comma-separated (default small,gpt2-124m)")
+    ap.add_argument("--testnet-steps", type=int, default=0,
+                    help="also run a real testnet of this many steps per preset (tiers 0 and 1) and report the "
+                         "bytes each client sent per step (default 0: none)")
     ap.add_argument("--out", default="bench/results/bandwidth.json")
     args = ap.parse_args(argv)
 
@@ -129,14 +160,22 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['down_max'] / MB:.3f}", f"{r['total'] / MB:.3f}", f"{r['dense_fp32_total'] / MB:.1f}",
                  f"{r['dense_bf16_total'] / MB:.1f}", f"{r['ratio_vs_fp32']:.0f}", f"{r['ratio_vs_bf16']:.0f}"]
                 for r in rows]
+    real = [row for preset in presets for row in testnet_bytes(preset, args.testnet_steps, console)] \
+        if args.testnet_steps else []
+    real_cols = ["preset", "client", "tier", "steps", "bytes up per step", "dense bf16 (MB)", "x below bf16"]
+    real_rows = [[r["preset"], r["client"], r["tier"], r["steps"], round(r["bytes_up_per_step"]),
+                  f"{r['dense_bf16'] / MB:.1f}", f"{r['x_below_bf16']:.0f}"] for r in real]
     _common.print_table("One payload per tier (exact bytes)", size_cols, size_rows, console)
+    if real:
+        _common.print_table("A real testnet: everything each client sent, per step", real_cols, real_rows, console)
     _common.print_table("One round, 4 clients (each uploads its payload, downloads the 3 others)", mix_cols,
                         mix_rows, console)
     path = _common.write_json(args.out, {
         "benchmark": "bandwidth", "quick": args.quick, "complete": True, "wires": WIRES, "presets": presets,
-        "payloads": sizes, "rounds": rows, "wall_seconds": round(time.perf_counter() - t0, 1),
+        "payloads": sizes, "rounds": rows, "testnet": real, "wall_seconds": round(time.perf_counter() - t0, 1),
         "markdown": {"payloads": _common.markdown_table(size_cols, size_rows),
-                     "rounds": _common.markdown_table(mix_cols, mix_rows)},
+                     "rounds": _common.markdown_table(mix_cols, mix_rows),
+                     "testnet": _common.markdown_table(real_cols, real_rows)},
     })
     console.print(f"wrote {path}")
     return 0

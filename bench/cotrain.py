@@ -79,6 +79,7 @@ class Settings:
     topk: int = 32
     one_bit: bool = False  # 1-bit signs on the wire instead of raw values
     chunk: int = 64
+    momentum_decay: float = 0.999
     overlap: bool = False  # step s's gradient is taken before step s-1 is applied (the overlapped round)
     lookahead: bool = False  # overlapped: the gradient is taken at the weights plus the client's own guess of s-1
     joint: bool = False  # tier-0 clients also train the tier-1 width (sum of the two losses)
@@ -103,6 +104,7 @@ def run_config(s: Settings, run_id: str) -> Any:
                  "data.seq_len": s.seq_len}
     if s.optimizer == "distro":
         overrides["optimizer.distro"] = {"topk": s.topk, "one_bit": s.one_bit, "chunk": s.chunk,
+                                         "momentum_decay": s.momentum_decay,
                                          "apply_mode": s.apply_mode, "average_over": s.average_over}
     return RunConfig().with_overrides(overrides)
 
@@ -284,7 +286,8 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
     table_rows = [[r["arm"], f"{r['lr']:g}", r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
                    pm(r["tier1_loss"], r["tier1_loss_std"]), "yes" if r["replicas_agree"] else "NO",
                    round(r["seconds"])] for r in rows]
-    wire = (f"top-{settings.topk}{' 1-bit' if settings.one_bit else ''}, chunk {settings.chunk}"
+    wire = (f"top-{settings.topk}{' 1-bit' if settings.one_bit else ''}, chunk {settings.chunk}, "
+            f"decay {settings.momentum_decay:g}"
             f"{', overlapped' if settings.overlap else ''}{' + look-ahead' if settings.lookahead else ''}")
     _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {wire}, {settings.apply_mode}, "
                         f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
@@ -346,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topk", type=int, default=32, help="DisTrO coefficients kept per chunk")
     ap.add_argument("--one-bit", action="store_true", help="send 1-bit signs instead of raw values")
     ap.add_argument("--chunk", type=int, default=64, help="DisTrO chunk size")
+    ap.add_argument("--momentum-decay", type=float, default=0.999, help="DisTrO momentum decay (default 0.999)")
     ap.add_argument("--overlap", action="store_true",
                     help="overlapped rounds: each step's gradient is taken before the previous step is applied")
     ap.add_argument("--lookahead", action="store_true",
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         preset=args.preset or ("tiny" if quick else "small"), steps=args.steps or (20 if quick else 300),
         seq_len=args.seq_len or (32 if quick else 128), batch=args.batch or (4 if quick else 8),
         optimizer=args.optimizer, lr=lrs[0], apply_mode=args.apply_mode, average_over=args.average_over,
-        topk=args.topk, one_bit=args.one_bit, chunk=args.chunk, overlap=args.overlap, lookahead=args.lookahead, joint=args.joint,
+        topk=args.topk, one_bit=args.one_bit, chunk=args.chunk, momentum_decay=args.momentum_decay, overlap=args.overlap, lookahead=args.lookahead, joint=args.joint,
         eval_batches=args.eval_batches or (2 if quick else 16),
         eval_batch=8 if quick else 16)
     seeds = [int(x) for x in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
