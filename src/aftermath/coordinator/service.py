@@ -73,6 +73,7 @@ log = logging.getLogger("aftermath.coordinator")
 SUMMARY_FILE = "summary.json"
 MAX_JSON_BYTES = 256 * 1024
 MAX_PATH_CHARS = 1024  # a checkpoint file path; each part is also held to the file system's 255
+STATE_MAX_AGE = 0.5  # seconds a serialised state is served for unchanged (its clock fields age that much at most)
 
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -173,6 +174,7 @@ class CoordinatorService:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keeper")
         self._jobs: asyncio.Queue | None = None
         self._changed: asyncio.Event | None = None
+        self._state_cache: tuple[tuple[int, bool], float, bytes] | None = None  # see _state_body
         self._tasks: list[asyncio.Task] = []
         self._websockets: set[web.WebSocketResponse] = set()
         self._exporting: set[str] = set()  # Mix'n'Match specs queued for export into the current checkpoint
@@ -194,6 +196,16 @@ class CoordinatorService:
 
     def state(self) -> StateSnapshot:
         return StateSnapshot.model_validate({**self.machine.snapshot(self.clock()), "finished": self.summary is not None})
+
+    def _state_body(self) -> bytes:
+        """GET /state's bytes, built once per state version (and at least every STATE_MAX_AGE s, for the clock
+        fields): the long-pollers one change wakes all get the same bytes instead of each building and encoding
+        the whole snapshot."""
+        key = (self.machine.version, self.summary is not None)
+        now = time.monotonic()
+        if self._state_cache is None or self._state_cache[0] != key or now - self._state_cache[1] > STATE_MAX_AGE:
+            self._state_cache = (key, now, self.state().model_dump_json(by_alias=True).encode())
+        return self._state_cache[2]
 
     def spec_of(self, client_id: str) -> TierSpec | None:
         return self.sessions.specs.get(client_id)
@@ -510,7 +522,7 @@ class CoordinatorService:
                     await asyncio.wait_for(self._changed.wait(), timeout=left)
                 except asyncio.TimeoutError:
                     break
-        return _answer(self.state())
+        return web.Response(body=self._state_body(), content_type="application/json")
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=20)
