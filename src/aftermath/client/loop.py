@@ -153,6 +153,7 @@ class TrainingClient:
         self.prefetched: dict[str, Any] = {}  # blob sha -> decoded payload of a round not applied yet
         self.own_blobs: dict[str, bytes] = {}  # sha -> this client's payloads not applied yet (never downloaded)
         self.overhead = 0.0  # the last round's seconds outside training on the critical path (sent at commit)
+        self.batch_ahead: tuple[int, int, asyncio.Task] | None = None  # sequences [lo, hi) fetched for the next step
         self.t_prefetch = 0.0
         self.failures = 0  # refused calls and failed transfers (reported in the stats)
         self.faults = FaultInjector(options.faults) if options.faults is not None and options.faults.active else None
@@ -340,7 +341,8 @@ class TrainingClient:
             # at step t the weights are at t, or at t - 1 while step t - 1 is still to apply (overlapped)
             fresh = self.state.model_step == rnd.step or (prev is not None and self.state.model_step == prev.step)
             if mine and self.client_id not in rnd.committed and self.state.committed_step < rnd.step and fresh:
-                await self._train(rnd.step, mine[0], mine[1], prev)
+                first = min(a for a, _ in rnd.assignments.values())
+                await self._train(rnd.step, mine[0], mine[1], prev, first)
             if prev is not None and self.state.model_step == prev.step:
                 await self._apply(prev.step, prev.accepted, prev.assignments)
             elif self.state.model_step == rnd.step:
@@ -409,6 +411,33 @@ class TrainingClient:
     async def _batch(self, start: int, end: int) -> torch.Tensor:
         if self.stream is not None:
             return await asyncio.get_running_loop().run_in_executor(None, self.stream.sequences, start, end)
+        ahead, self.batch_ahead = self.batch_ahead, None
+        if ahead is not None:
+            lo, hi, task = ahead
+            if lo <= start and end <= hi:
+                await asyncio.wait([task])
+                if not task.cancelled() and task.exception() is None:
+                    return task.result()[start - lo:end - lo]
+            task.cancel()
+        return await self._fetch_batch(start, end)
+
+    def _fetch_ahead(self, first: int, start: int, end: int) -> None:
+        """Fetch, in the background, a window around where this client's range of the next step will lie (its
+        range of this step shifted by one global batch, with a margin for the next split), so the next step
+        starts without a round trip to the data server. A range outside the window is fetched as usual."""
+        if self.stream is not None:
+            return
+        batch = self.run.schedule.global_batch_size
+        margin = max(2, (end - start) // 4)
+        lo = max(first + batch, start + batch - margin)
+        hi = min(first + 2 * batch, end + batch + margin)
+        if hi <= lo:
+            return
+        task = asyncio.create_task(self._fetch_batch(lo, hi))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failed window is fetched again
+        self.batch_ahead = (lo, hi, task)
+
+    async def _fetch_batch(self, start: int, end: int) -> torch.Tensor:
         from aftermath.data.server import fetch_sequences
 
         await self.transport.gate("data")
@@ -418,9 +447,9 @@ class TrainingClient:
         await self.transport.received(batch.numel() * (2 if self.config.vocab_size <= 65536 else 4))
         return batch
 
-    async def _train(self, step: int, start: int, end: int, previous: RoundView | None) -> None:
-        """Train and commit `step`; `previous` (overlapped rounds): the round to apply next, whose results
-        download while this step trains."""
+    async def _train(self, step: int, start: int, end: int, previous: RoundView | None, first: int) -> None:
+        """Train and commit `step` (`first`: the step's first global sequence); `previous` (overlapped rounds):
+        the round to apply next, whose results download while this step trains."""
         loop = asyncio.get_running_loop()
         if previous is not None:
             downloading = asyncio.create_task(self._prefetch(previous.step, previous.commits))
@@ -429,6 +458,7 @@ class TrainingClient:
         t0 = time.perf_counter()
         batch = await self._batch(start, end)
         t_data = time.perf_counter() - t0
+        self._fetch_ahead(first, start, end)
         micro = self.run.train.micro_batch_size
         lookahead = self._own_result(previous) if previous is not None else None
         result = await loop.run_in_executor(None, self.replica.train, batch.to(self.device), micro, lookahead)
