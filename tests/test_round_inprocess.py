@@ -70,6 +70,10 @@ def test_every_same_tier_replica_ends_identical_including_a_late_joiner(tmp_path
     loaded = [r for r in late if r["event"] == "model_loaded"]
     assert loaded and loaded[0]["step"] >= 2  # rebuilt from a mid-run checkpoint, not the initial model
     assert any(r["event"] == "round" for r in late)  # and trained after it
+    # after a client's first step, its batch comes from the window it fetched while it trained the step before
+    a_rounds = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    trained = [r for r in a_rounds if r["event"] == "round" and r["sequences"]]
+    assert len(trained) >= 5 and all(r["batch_ahead"] for r in trained[1:])
 
 
 def test_the_checkpoint_holds_the_optimizer_state_of_every_tier(tmp_path, one_torch_thread):

@@ -408,18 +408,19 @@ class TrainingClient:
                      parameters=sum(p.numel() for p in self.replica.model.parameters()))
 
     # ------------------------------------------------------------------ a round: train
-    async def _batch(self, start: int, end: int) -> torch.Tensor:
+    async def _batch(self, start: int, end: int) -> tuple[torch.Tensor, bool]:
+        """Sequences [start, end) of the train split, and whether they came from the window fetched ahead."""
         if self.stream is not None:
-            return await asyncio.get_running_loop().run_in_executor(None, self.stream.sequences, start, end)
+            return await asyncio.get_running_loop().run_in_executor(None, self.stream.sequences, start, end), False
         ahead, self.batch_ahead = self.batch_ahead, None
         if ahead is not None:
             lo, hi, task = ahead
             if lo <= start and end <= hi:
                 await asyncio.wait([task])
                 if not task.cancelled() and task.exception() is None:
-                    return task.result()[start - lo:end - lo]
+                    return task.result()[start - lo:end - lo], True
             task.cancel()
-        return await self._fetch_batch(start, end)
+        return await self._fetch_batch(start, end), False
 
     def _fetch_ahead(self, first: int, start: int, end: int) -> None:
         """Fetch, in the background, a window around where this client's range of the next step will lie (its
@@ -456,7 +457,7 @@ class TrainingClient:
             # a failed download is retried by the apply; never leave its error unretrieved
             downloading.add_done_callback(lambda task: task.cancelled() or task.exception())
         t0 = time.perf_counter()
-        batch = await self._batch(start, end)
+        batch, ahead = await self._batch(start, end)
         t_data = time.perf_counter() - t0
         self._fetch_ahead(first, start, end)
         micro = self.run.train.micro_batch_size
@@ -482,9 +483,9 @@ class TrainingClient:
         self._passed(step, "commit")
         self.state.committed_step = step
         self.state.rounds += 1
-        self.pending_timing[step] = {"t_data": t_data, "t_train": result.seconds, "t_encode": t_encode,
-                                     "t_upload": t_upload, "payload_bytes": len(blob), "loss": result.loss,
-                                     "sequences": result.sequences, "tokens": result.tokens}
+        self.pending_timing[step] = {"t_data": t_data, "batch_ahead": ahead, "t_train": result.seconds,
+                                     "t_encode": t_encode, "t_upload": t_upload, "payload_bytes": len(blob),
+                                     "loss": result.loss, "sequences": result.sequences, "tokens": result.tokens}
         if previous is not None:
             await asyncio.wait([downloading])  # what it could not get, the apply fetches
 
@@ -562,6 +563,7 @@ class TrainingClient:
             tokens_per_s=round(timing["tokens"] / train, 1) if train else None,
             bytes_up=stats["bytes_up"], bytes_down=stats["bytes_down"], peak_memory=stats["peak_memory"],
             payload_bytes=timing.get("payload_bytes"), accepted=len(accepted), t_data=timing.get("t_data"),
+            batch_ahead=timing.get("batch_ahead", False),
             t_train=train, t_encode=timing.get("t_encode"), t_upload=timing.get("t_upload"),
             t_prefetch=round(t_prefetch, 4), prefetched=len(ready) - len(missing), t_download=round(t_download, 4),
             t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4), faults=self._faults())

@@ -306,6 +306,7 @@ class RoundRecord(Message):
     payload_bytes: int | None
     accepted: int = Field(description="results in the accepted set it applied")
     t_data: float | None = Field(description="fetching its batch's tokens")
+    batch_ahead: bool = Field(False, description="its batch came from the window fetched during the previous step")
     t_train: float | None = Field(description="forward/backward")
     t_encode: float | None = Field(description="encoding its payload")
     t_upload: float | None = Field(description="blob upload and commit")
