@@ -163,7 +163,8 @@ def _numbers(data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...
 
 
 # ------------------------------------------------------------------------------------------- layout
-def _section_sizes(plan: ChunkPlan, wire: WireFormat, shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, ...]]:
+def _section_sizes(plan: ChunkPlan, wire: WireFormat,
+                   shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, str, int]]:
     """(name, part, bytes) of every body section, in order: the layout both sides derive from the header."""
     itemsize = VALUE_DTYPES[wire.value_dtype].itemsize
     out = []
