@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from aftermath.errors import ConfigError, TierError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import LayerGeometry, TierSpec, own_spec
+from aftermath.model.loss import chunked_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -174,6 +175,13 @@ class MatFormerLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, spec: TierSpec | None = None) -> torch.Tensor:
         """Logits of `input_ids` (batch, seq) computed at `spec` (default: the model's own geometry)."""
+        return F.linear(self.hidden_states(input_ids, spec), self.head_weight())
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, input_ids: torch.Tensor, spec: TierSpec | None = None) -> torch.Tensor:
+        """The final normed hidden states (batch, seq, hidden_size), before the output head."""
         spec = self.check_spec(spec)
         seq = input_ids.shape[-1]
         if seq > self.config.max_position_embeddings:
@@ -188,13 +196,11 @@ class MatFormerLM(nn.Module):
                 x = checkpoint(_layer_forward, layer, x, cos, sin, g, use_reentrant=False)
             else:
                 x = _layer_forward(layer, x, cos, sin, g)
-        x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)
+        return self.model.norm(x)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, spec: TierSpec | None = None) -> torch.Tensor:
-        logits = self(input_ids, spec)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        """Mean next-token cross-entropy, without ever holding the full logits (aftermath.model.loss)."""
+        return chunked_cross_entropy(self.hidden_states(input_ids, spec), self.head_weight(), targets)
 
 
 def build_model(config: MatFormerConfig, seed: int | None = None) -> MatFormerLM:
