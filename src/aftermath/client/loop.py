@@ -8,10 +8,11 @@
 With overlapped rounds (`schedule.overlap`, the default) step t+1 opens as soon as step t's accepted set is
 fixed: the client trains t+1 while t's results download in the background, then commits t+1, and only then
 decodes, aggregates and applies t. Its weights are still before step t, so it takes the gradient where they will
-be: its own payload of step t applied alone (Psyche's look-ahead; the replica is restored bit for bit after). Time a fast client would spend
-waiting for a slower peer's commit goes into training. Without overlap the client applies t in RoundWitness
-before t+1 opens. Either way, while the round waits for slower peers it prefetches and decodes the results
-already committed (`t_prefetch` and `t_download` in its RoundRecord).
+be: its own payload of step t applied alone (Psyche's look-ahead; the replica is restored bit for bit after).
+Time a fast client would spend waiting for a slower peer's commit goes into training. Without overlap the
+client applies t in RoundWitness before t+1 opens. The next step's batch is fetched while this one trains.
+Either way, while the round waits for slower peers it prefetches and decodes the results already committed
+(`t_prefetch` and `t_download` in its RoundRecord).
 Each action is idempotent (it checks what it already did), so a repeated or missed state update is harmless.
 Every message is a model of aftermath.round.protocol. The warmup loads the tier's weights AND its cut of the
 optimizer state from the checkpoint, so a late joiner or a resynced client applies rounds exactly as the others.
@@ -151,7 +152,7 @@ class TrainingClient:
         self.phase = ""
         self.pending_timing: dict[int, dict[str, Any]] = {}  # step -> timings of its training, until applied
         self.prefetched: dict[str, Any] = {}  # blob sha -> decoded payload of a round not applied yet
-        self.own_blobs: dict[str, bytes] = {}  # sha -> this client's payloads not applied yet (never downloaded)
+        self.own_blobs: dict[str, tuple[int, bytes]] = {}  # sha -> (step, payload) of its own, until applied
         self.overhead = 0.0  # the last round's seconds outside training on the critical path (sent at commit)
         self.batch_ahead: tuple[int, int, asyncio.Task] | None = None  # sequences [lo, hi) fetched for the next step
         self.t_prefetch = 0.0
@@ -470,12 +471,13 @@ class TrainingClient:
         t2 = time.perf_counter()
         sha = await self.transport.put_blob(blob)
         self._passed(step, "upload")
-        self.own_blobs[sha] = blob  # decoded from memory at apply time, not downloaded again
+        self.own_blobs[sha] = (step, blob)  # decoded from memory at apply time, not downloaded again
         self.state.last_loss = result.loss
         self.state.tokens += result.tokens
         self.state.train_seconds += result.seconds
         request = CommitRequest(step=step, blob=sha, sequences=result.sequences, train_seconds=result.seconds,
-                                overhead_seconds=round(self.overhead, 4), loss=result.loss if math.isfinite(result.loss) else 1e9, stats=self._stats(),
+                                overhead_seconds=round(self.overhead, 4),
+                                loss=result.loss if math.isfinite(result.loss) else 1e9, stats=self._stats(),
                                 signature=self.signer.sign_commitment(self.run.run_id, step, self.client_id, sha,
                                                                       start, end))
         await self.transport.call("POST", "/commit", request.model_dump())
@@ -495,7 +497,7 @@ class TrainingClient:
         mine = next((c for c in previous.accepted or [] if c.client_id == self.client_id), None)
         if self.state.model_step != previous.step or mine is None or mine.blob not in self.own_blobs:
             return None
-        return self._decode(self.own_blobs[mine.blob], previous.step, self.client_id, self.spec.tier)
+        return self._decode(self.own_blobs[mine.blob][1], previous.step, self.client_id, self.spec.tier)
 
     # ------------------------------------------------------------------ a round: apply
     def _decode(self, data: bytes, step: int, client_id: str, tier: int | None) -> Any:
@@ -504,7 +506,7 @@ class TrainingClient:
         return self.replica.decode(data, step, client_id, spec)
 
     async def _fetch(self, sha: str) -> bytes:
-        return self.own_blobs[sha] if sha in self.own_blobs else await self.transport.get_blob(sha)
+        return self.own_blobs[sha][1] if sha in self.own_blobs else await self.transport.get_blob(sha)
 
     async def _prefetch(self, step: int, commits: dict[str, CommitView]) -> None:
         """While the round waits for slower peers, fetch and decode the results already committed."""
@@ -547,7 +549,7 @@ class TrainingClient:
         t_prefetch, self.t_prefetch = self.t_prefetch, 0.0
         self.state.model_step = step + 1
         self.state.applied_step = step
-        self.own_blobs = {sha: b for sha, b in self.own_blobs.items() if sha not in {c.blob for c in accepted}}
+        self.own_blobs = {sha: own for sha, own in self.own_blobs.items() if own[0] > step}
         self._passed(step, "apply")
         timing = self.pending_timing.pop(step, {})
         # what the batch split must leave room for: the newest round's data, encode and upload, and this apply

@@ -4,8 +4,9 @@ and the refusal to resume a run whose config changed what the run computes.
 `state.json` records the run config it was written under. On resume every field that shapes the trajectory
 (TRAJECTORY_FIELDS: the seed, the model, the optimizer, the data and the batch, the run's length, which sets the
 LR schedule, and the round schedule, which sets how stale each gradient is) is compared with the new config; a
-change is refused with every changed field named, unless the operator forces it (`--force-resume`). The run then goes on from the recorded data position, so no sequence is
-trained twice or skipped even when the global batch size changed.
+change is refused with every changed field named, unless the operator forces it (`--force-resume`). The run
+then goes on from the recorded data position, so no sequence is trained twice or skipped even when the global
+batch size changed.
 """
 
 from __future__ import annotations
