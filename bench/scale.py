@@ -1,22 +1,24 @@
-"""The coordinator with N simulated clients: the protocol without training. How do round control latency and the
-coordinator's CPU per round grow with N?
+"""The coordinator with N simulated clients: the protocol without training. How do round time, the coordinator's
+CPU and its traffic per round grow with N?
 
 Two measurements:
 1. The pure state machine (`RunStateMachine`), driven in this process with an injected clock, N up to thousands:
-   per round, N commits + tick + N applied + tick, and one `snapshot()` (the JSON every /state poll serves;
+   per round, N commits + tick + N applied + tick, and one `snapshot()` (the JSON of the dashboard's GET /state;
    its size grows with N). Wall time per round and snapshot bytes.
 2. A real coordinator service (`aftermath coordinator`, its own process, on 127.0.0.1) with N lightweight
-   asyncio clients in this process, N in (4, 16, 64, 256). Each client does what a real client does, minus
-   training: join (with an ed25519 public key), long-poll GET /state, POST /ready, PUT its payload blob + POST /commit
-   (signed), POST /applied.
-   Payloads are real DisTrO payloads of the smallest tier of the tiny model (coefficients computed once, then
-   encoded per client and step), because the coordinator validates every payload at commit and applies every
-   round to its universal replica. Measured: seconds per round (client-observed, round start to next round
-   start, first round excluded) and the coordinator process's CPU seconds per round (psutil), with the client
-   processes' CPU beside it (they share the machine's cores, so the round time includes their work).
+   asyncio clients in this process (default N = 16, 64, 256, 1024). Each client does what a real client does,
+   minus training and applying: join (with an ed25519 public key), long-poll its GET /view, POST /ready, PUT its
+   payload blob + POST /commit (signed), download what its data plane needs (the round's update blob, or every
+   other accepted payload; a witness both) and POST /applied (and /witness).
+   Payloads are real DisTrO payloads of one tier of --preset (coefficients computed once, then encoded per client
+   and step), because the coordinator validates every payload at commit and applies every round to its universal
+   replica (and, data plane "update", publishes the round's update). Measured per round: seconds
+   (client-observed, round start to next round start, first round excluded), the coordinator process's CPU
+   seconds (psutil), its bytes out (its own counter, in its metrics), the largest client download, and the client
+   processes' CPU beside it (they share the machine's two cores, so the round time includes their work).
 Requests go to 127.0.0.1 only; every run is bounded by --timeout seconds.
 
-Run:   .venv/bin/python bench/scale.py --out bench/results/scale.json
+Run:   .venv/bin/python bench/scale.py --clients 16,64,256,1024 --repeats 2 --out bench/results/scale.json
 Quick: .venv/bin/python bench/scale.py --quick --out /tmp/scale.json     (state machine to 256, service N=4)
 """
 
@@ -112,6 +114,9 @@ class PayloadMaker:
 
 
 class LightClient:
+    """A client without training: its protocol calls, its real payload, and the real downloads of its data plane
+    (the update blob, or every other accepted payload), counted per step."""
+
     def __init__(self, index: int, url: str, token: str, maker: PayloadMaker, schema: str,
                  round_seen: dict[int, float]) -> None:
         self.name = f"sim-{index}"
@@ -120,17 +125,39 @@ class LightClient:
         self.session_token = ""
         self.client_id = ""
         self.requests = 0
+        self.bytes_down: dict[int, int] = {}  # step -> blob bytes downloaded to apply it
+        self.own: set[str] = set()
 
     async def call(self, http: Any, method: str, path: str, body: Any = None, data: bytes | None = None,
-                   params: dict | None = None) -> Any:
+                   params: dict | None = None, raw: bool = False) -> Any:
         headers = {"Authorization": f"Bearer {self.session_token}"} if self.session_token else {}
         self.requests += 1
         async with http.request(method, self.url + path, json=body, data=data, params=params,
                                 headers=headers) as resp:
-            payload = await resp.json(content_type=None)
+            payload = await resp.read() if raw else await resp.json(content_type=None)
             if resp.status >= 400:
-                raise RuntimeError(f"{method} {path}: {resp.status} {payload}")
+                raise RuntimeError(f"{method} {path}: {resp.status} {payload[:200]}")
             return payload
+
+    async def apply(self, http: Any, rnd: dict) -> bool:
+        """Download what applying `rnd` needs, say applied; False while its update is being computed."""
+        result, step = rnd["result"], rnd["step"]
+        blobs = []
+        if result["plane"] == "update":
+            if result["update"] is None:
+                return False
+            blobs.append(result["update"]["blob"])
+        if result["plane"] == "payloads" or result["witness"]:
+            detail = await self.call(http, "GET", f"/rounds/{step}")
+            blobs += [c["blob"] for c in detail["accepted"] if c["blob"] not in self.own]
+        for sha in blobs:
+            data = await self.call(http, "GET", f"/blobs/{sha}", raw=True)
+            self.bytes_down[step] = self.bytes_down.get(step, 0) + len(data)
+        if result["witness"]:
+            await self.call(http, "POST", "/witness", {"step": step, "update": result["update"]["blob"],
+                                                       "agrees": True})
+        await self.call(http, "POST", "/applied", {"step": step})
+        return True
 
     async def run(self, http: Any) -> None:
         from aftermath.crypto import Signer
@@ -143,39 +170,36 @@ class LightClient:
         self.session_token, self.client_id = answer["session"], answer["client_id"]
         version, committed, applied, ready = -1, -1, -1, -1
         while True:
-            snap = await self.call(http, "GET", "/state", params={"after": str(version), "wait": "10"})
-            version = snap["version"]
-            phase, rnd, previous = snap["phase"], snap["round"], snap.get("previous_round")
+            view = await self.call(http, "GET", "/view", params={"after": str(version), "wait": "10"})
+            version = view["version"]
+            phase, rnd, previous = view["phase"], view["round"], view["previous_round"]
             if phase == "Finished":
                 return
-            if previous is not None and previous["accepted"] is not None and previous["step"] > applied:
+            if previous is not None and previous["result"] is not None and previous["step"] > applied:
                 # overlapped rounds: the step before the one in training is applied now
-                await self.call(http, "POST", "/applied", {"step": previous["step"]})
-                applied = previous["step"]
-            if phase == "Warmup" and ready < snap["epoch"]:
-                me = next((m for m in snap["members"] if m["id"] == self.client_id), None)
-                if me is not None and me["status"] == "member":
-                    await self.call(http, "POST", "/ready", {"epoch": snap["epoch"]})
-                    ready = snap["epoch"]
+                if await self.apply(http, previous):
+                    applied = previous["step"]
+            if phase == "Warmup" and ready < view["epoch"] and view["me"]["status"] == "member":
+                await self.call(http, "POST", "/ready", {"epoch": view["epoch"]})
+                ready = view["epoch"]
             elif phase == "RoundTrain" and rnd is not None and rnd["step"] > committed:
                 step = rnd["step"]
                 self.round_seen.setdefault(step, time.perf_counter())
-                assignment = rnd["assignments"].get(self.client_id)
-                if assignment is not None:
+                if rnd["assignment"] is not None:
                     data = self.maker.blob(self.client_id, step)
                     sha = hashlib.sha256(data).hexdigest()
+                    self.own.add(sha)
                     await self.call(http, "PUT", f"/blobs/{sha}", data=data)
-                    start, end = assignment
+                    start, end = rnd["assignment"]
                     signature = signer.sign_commitment(self.maker.run_id, step, self.client_id, sha, start, end)
                     commit = CommitRequest(step=step, blob=sha, sequences=end - start, train_seconds=0.0, loss=1.0,
                                            signature=signature)
                     await self.call(http, "POST", "/commit", commit.model_dump())
                 committed = step
-            elif phase == "RoundWitness" and rnd is not None and rnd["accepted"] is not None \
+            elif phase == "RoundWitness" and rnd is not None and rnd["result"] is not None \
                     and rnd["step"] > applied:
-                # a real client downloads the accepted blobs here; the coordinator serves files (not measured)
-                await self.call(http, "POST", "/applied", {"step": rnd["step"]})
-                applied = rnd["step"]
+                if await self.apply(http, rnd):
+                    applied = rnd["step"]
 
 
 async def drive_clients(url: str, token: str, n: int, maker: PayloadMaker, coordinator_pid: int,
@@ -212,16 +236,32 @@ async def drive_clients(url: str, token: str, n: int, maker: PayloadMaker, coord
     round_s = [round_seen[s + 1] - round_seen[s] for s in measured]
     coord_cpu = [cpu_marks[s + 1][0] - cpu_marks[s][0] for s in measured]
     client_cpu = [cpu_marks[s + 1][1] - cpu_marks[s][1] for s in measured]
+    downloads = [max(c.bytes_down.get(s, 0) for c in clients) for s in measured]
     return {"clients": n, "finished": not pending and not errors, "errors": errors[:3],
             "rounds_seen": len(steps), "rounds_measured": len(measured),
             "round_s": statistics.median(round_s) if round_s else None,
             "coordinator_cpu_s_per_round": statistics.median(coord_cpu) if coord_cpu else None,
             "clients_cpu_s_per_round": statistics.median(client_cpu) if client_cpu else None,
             "requests": sum(c.requests for c in clients),
-            "payload_bytes": len(maker.blob("sim-0", 0))}
+            "max_client_bytes_down_per_round": statistics.median(downloads) if downloads else None,
+            "measured_steps": measured, "payload_bytes": len(maker.blob("sim-0", 0))}
 
 
-def bench_service(n: int, rounds: int, timeout: float, tier: int) -> dict[str, Any]:
+def coordinator_traffic(metrics: Path, steps: list[int]) -> dict[str, Any]:
+    """Per applied step of the coordinator's metrics: its bytes out since the step before, the plane, the update."""
+    applied = {}
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "applied":
+            applied[record["step"]] = record
+    out = [applied[s]["bytes_out"] - applied[s - 1]["bytes_out"] for s in steps if s in applied and s - 1 in applied]
+    planes = sorted({applied[s].get("plane") for s in steps if s in applied})
+    updates = [applied[s]["update_bytes"] for s in steps if applied.get(s, {}).get("update_bytes")]
+    return {"coordinator_bytes_out_per_round": statistics.median(out) if out else None, "planes": planes,
+            "update_bytes": updates[0] if updates else None}
+
+
+def bench_service(n: int, rounds: int, timeout: float, tier: int, preset: str, data_plane: str) -> dict[str, Any]:
     import secrets
 
     from aftermath.runconfig import parse_run_config
@@ -235,7 +275,8 @@ def bench_service(n: int, rounds: int, timeout: float, tier: int) -> dict[str, A
             "schedule.heartbeat_timeout": 600.0, "schedule.heartbeat_interval": 5.0,
             "schedule.cooldown_time": 0.5, "schedule.max_round_train_time": timeout,
             "schedule.round_witness_time": timeout, "schedule.warmup_time": timeout,
-            "data.val_sequences": 8, "model.export_tiers": [0]}))
+            "data.val_sequences": 8, "model.export_tiers": [0], "model.preset": preset,
+            "network.data_plane": data_plane}))
         config = run_dir / "run.toml"
         config.write_text(text)
         import tomllib
@@ -258,6 +299,8 @@ def bench_service(n: int, rounds: int, timeout: float, tier: int) -> dict[str, A
                 time.sleep(0.1)
             url = f"http://127.0.0.1:{port}"
             result = asyncio.run(drive_clients(url, token, n, maker, proc.pid, timeout))
+            result.update(coordinator_traffic(run_dir / "run" / "metrics" / "coordinator.jsonl",
+                                              result.pop("measured_steps")), preset=preset, data_plane=data_plane)
         finally:
             if proc.poll() is None:
                 proc.terminate()
@@ -269,12 +312,41 @@ def bench_service(n: int, rounds: int, timeout: float, tier: int) -> dict[str, A
     return result
 
 
+def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per N over repeated runs: the medians, and each measure's min and median over the runs."""
+    keys = ("round_s", "coordinator_cpu_s_per_round", "clients_cpu_s_per_round", "coordinator_bytes_out_per_round",
+            "max_client_bytes_down_per_round")
+    row = {"clients": runs[0]["clients"], "runs": runs, "finished": all(r["finished"] for r in runs),
+           "errors": [e for r in runs for e in r["errors"]], "rounds_seen": min(r["rounds_seen"] for r in runs),
+           "requests": statistics.median(r["requests"] for r in runs),
+           "planes": sorted({p for r in runs for p in r["planes"]}), "update_bytes": runs[0]["update_bytes"],
+           "payload_bytes": runs[0]["payload_bytes"], "rounds_measured": sum(r["rounds_measured"] for r in runs)}
+    for key in keys:
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
+        row[f"{key}_min"] = min(values) if values else None
+    return row
+
+
+def _pair(row: dict[str, Any], key: str, scale: float, fmt: str, both: bool = True) -> str | None:
+    if row[key] is None:
+        return None
+    median = fmt.format(row[key] * scale)
+    return f"{fmt.format(row[f'{key}_min'] * scale)} / {median}" if both else median
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="state machine up to 256, service with 4 clients")
     ap.add_argument("--machine-clients", default=None, help="N for the state machine (default 4,...,4096)")
-    ap.add_argument("--service-clients", default=None, help="N for the real service (default 4,16,64,256)")
+    ap.add_argument("--service-clients", "--clients", default=None,
+                    help="N for the real service (default 16,64,256,1024)")
+    ap.add_argument("--repeats", type=int, default=1, help="service runs per N (min and median are reported)")
+    ap.add_argument("--preset", default="small", help="model preset of the payloads and the coordinator's replica "
+                    "(default small)")
+    ap.add_argument("--data-plane", default="auto", choices=("auto", "payloads", "update"),
+                    help="network.data_plane of the run (default auto)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per service run (default 6; 3 quick)")
     ap.add_argument("--tier", type=int, default=3, help="tier of the simulated clients' payloads (default 3)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds one service run may take")
@@ -289,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     machine_ns = [int(x) for x in (args.machine_clients or
                                    ("4,64,256" if args.quick else "4,16,64,256,1024,4096")).split(",")]
-    service_ns = [int(x) for x in (args.service_clients or ("4" if args.quick else "4,16,64,256")).split(",")]
+    service_ns = [int(x) for x in (args.service_clients or ("4" if args.quick else "16,64,256,1024")).split(",")]
     rounds = args.rounds or (3 if args.quick else 6)
 
     machine_rows = []
@@ -298,24 +370,33 @@ def main(argv: list[str] | None = None) -> int:
         console.log(f"state machine, {n} clients: {machine_rows[-1]['round_ms']:.2f} ms per round")
     service_rows = []
     for n in service_ns:
-        r = bench_service(n, rounds, args.timeout, args.tier)
-        service_rows.append(r)
-        console.log(f"service, {n} clients: {r}")
+        runs = []
+        for _ in range(args.repeats):
+            runs.append(bench_service(n, rounds, args.timeout, args.tier, args.preset, args.data_plane))
+            console.log(f"service, {n} clients: {runs[-1]}")
+        service_rows.append(summarise_runs(runs))
 
     m_cols = ["clients", "state machine ms per round", "snapshot ms", "snapshot KB (each /state answer)"]
     m_rows = [[r["clients"], f"{r['round_ms']:.2f}", f"{r['snapshot_ms']:.2f}", f"{r['snapshot_bytes'] / 1e3:.1f}"]
               for r in machine_rows]
-    s_cols = ["clients", "rounds measured", "s per round", "coordinator CPU s per round",
-              "client processes CPU s per round", "HTTP requests (all rounds)", "finished"]
-    s_rows = [[r["clients"], r["rounds_measured"], None if r["round_s"] is None else f"{r['round_s']:.2f}",
-               None if r["coordinator_cpu_s_per_round"] is None else f"{r['coordinator_cpu_s_per_round']:.2f}",
-               None if r["clients_cpu_s_per_round"] is None else f"{r['clients_cpu_s_per_round']:.2f}",
-               r["requests"], "yes" if r["finished"] else "no"] for r in service_rows]
+    s_cols = ["clients", "plane", "s per round (min / median)", "coordinator CPU s per round (min / median)",
+              "coordinator CPU ms per client", "coordinator MB out per round", "max client MB down per round",
+              "client processes CPU s per round", "finished"]
+    s_rows = [[r["clients"], "+".join(r["planes"]), _pair(r, "round_s", 1, "{:.2f}"),
+               _pair(r, "coordinator_cpu_s_per_round", 1, "{:.2f}"),
+               None if r["coordinator_cpu_s_per_round"] is None
+               else f"{1e3 * r['coordinator_cpu_s_per_round'] / r['clients']:.2f}",
+               _pair(r, "coordinator_bytes_out_per_round", 1e-6, "{:.2f}", both=False),
+               _pair(r, "max_client_bytes_down_per_round", 1e-6, "{:.3f}", both=False),
+               _pair(r, "clients_cpu_s_per_round", 1, "{:.2f}", both=False),
+               "yes" if r["finished"] else "no"] for r in service_rows]
     _common.print_table("Pure state machine (one process, injected clock)", m_cols, m_rows, console)
-    _common.print_table(f"Real coordinator on 127.0.0.1, N asyncio clients, no training (tier-{args.tier} tiny "
-                        "payloads)", s_cols, s_rows, console)
+    _common.print_table(f"Real coordinator on 127.0.0.1, N asyncio clients, no training (tier-{args.tier} "
+                        f"{args.preset} payloads, data plane {args.data_plane})", s_cols, s_rows, console)
     path = _common.write_json(args.out, {
         "benchmark": "scale", "quick": args.quick, "complete": True, "rounds": rounds, "tier": args.tier,
+        "preset": args.preset, "data_plane": args.data_plane, "repeats": args.repeats,
+        "load_average": os.getloadavg(),
         "state_machine": machine_rows, "service": service_rows, "wall_seconds": round(time.perf_counter() - t0, 1),
         "markdown": {"state_machine": _common.markdown_table(m_cols, m_rows),
                      "service": _common.markdown_table(s_cols, s_rows)},

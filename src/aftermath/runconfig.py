@@ -8,6 +8,7 @@ overrides a few fields (`with_overrides`). Unknown keys are errors, so a typo ne
 from __future__ import annotations
 
 import importlib.resources
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -109,6 +110,50 @@ class NetworkSection(_Section):
                               "it joins), as a token bucket; 0 = no limit. Beyond it: 429 with Retry-After")
     rate_burst: int = Field(400, ge=1, description="token bucket size: requests a client may make at once")
     public_url: str = Field("", description="URL clients use to reach the coordinator, if not http://host:port")
+    data_plane: Literal["auto", "payloads", "update"] = Field("auto", description=(
+        "how a round's accepted set reaches the clients. payloads: every client downloads every accepted "
+        "payload and aggregates them itself (N - 1 blobs per client). update: the coordinator aggregates once "
+        "and publishes the round's update as one blob (about 1 bit per parameter for DisTrO), which every client "
+        "applies; `witnesses` clients recompute it from the payloads and attest it. auto: update when the "
+        "round's payloads together are larger than the update, else payloads. Every plane gives the same bits"))
+    witnesses: int = Field(1, ge=0, le=16, description=(
+        "members per round (data plane 'update') that download the accepted payloads, recompute the update and "
+        "attest that its bits are theirs; a disagreement is logged, counted in the summary, and the witness "
+        "applies its own computation"))
+
+
+class StorageSection(_Section):
+    """Where the coordinator keeps the clients' payload blobs (the `[storage]` section of a run config).
+
+    No credentials here: the run config is served to clients. The coordinator reads them from its environment
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or boto3's other usual sources."""
+
+    backend: Literal["coordinator", "s3"] = Field(
+        "coordinator", description="coordinator: the embedded disk store, blobs served by the coordinator; "
+        "s3: an S3-compatible bucket (AWS S3, Cloudflare R2, MinIO), clients download from it directly")
+    endpoint_url: str = Field("", description="the S3 API endpoint; empty = AWS's default endpoint for `region` "
+                              "(e.g. https://<account>.r2.cloudflarestorage.com or http://minio:9000)")
+    bucket: str = Field("", description="the bucket holding the blobs (must exist); required for backend s3")
+    prefix: str = Field("", description="key prefix, e.g. \"runs/my-run/\" (empty or ending in '/'); keys are "
+                        "{prefix}blobs/{sha[:2]}/{sha}")
+    region: str = Field("us-east-1", description="the bucket's region (R2: \"auto\"; MinIO: its configured region)")
+    presign_seconds: int = Field(900, ge=1, le=7 * 24 * 3600,
+                                 description="lifetime of the presigned download URLs clients are redirected to")
+    public_base_url: str = Field("", description="optional: when the bucket is publicly readable or behind a CDN, "
+                                 "clients get {public_base_url}/{key} instead of a presigned URL")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StorageSection":
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("storage.backend = \"s3\" needs storage.bucket, the name of an existing bucket")
+        if self.prefix and (not self.prefix.endswith("/") or self.prefix.startswith("/")):
+            raise ValueError(f"storage.prefix {self.prefix!r} must not start with '/' and must end with '/' "
+                             f"(e.g. \"runs/my-run/\"), or be empty")
+        for name in ("endpoint_url", "public_base_url"):
+            value = getattr(self, name)
+            if value and not re.match(r"https?://[^/]", value):
+                raise ValueError(f"storage.{name} {value!r} must be an http:// or https:// URL, or empty")
+        return self
 
 
 class RunConfig(_Section):
@@ -121,6 +166,7 @@ class RunConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     data: DataSection = Field(default_factory=DataSection)
     network: NetworkSection = Field(default_factory=NetworkSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

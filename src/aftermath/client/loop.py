@@ -2,16 +2,21 @@
 
     join -> (Warmup) fetch the current model of its tier, say ready
          -> (RoundTrain) tokens of its batch range -> forward/backward -> DisTrO payload -> upload -> commit
-         -> (RoundWitness) fetch the accepted set -> validate/decode -> aggregate + apply -> say applied
+         -> (RoundWitness) fetch the round -> apply -> say applied
          -> (Cooldown) report the replica hash -> ... -> (Finished) exit
+
+The client follows its own view of the run (GET /view: the same size whatever the number of clients). A round
+reaches it by one of two data planes (aftermath.coordinator.distribution), with the same bits either way: the
+accepted payloads (GET /rounds/{step} names them; it verifies every signature, decodes, aggregates and applies),
+or the round's update blob the coordinator computed once (it applies that alone). A witness of a round fetches
+both and attests whether the update is the payloads' own (POST /witness), then applies its own computation.
 
 With overlapped rounds (`schedule.overlap`, the default) step t+1 opens as soon as step t's accepted set is
 fixed: the client trains t+1 while t's results download in the background, then commits t+1, and only then
 decodes, aggregates and applies t. Its weights are still before step t, so it takes the gradient where they will
 be: its own payload of step t applied alone (Psyche's look-ahead; the replica is restored bit for bit after).
 Time a fast client would spend waiting for a slower peer's commit goes into training. Without overlap the
-client applies t in RoundWitness before t+1 opens. The next step's batch is fetched while this one trains.
-Either way, while the round waits for slower peers it prefetches and decodes the results already committed
+client applies t in RoundWitness before t+1 opens. The next step's batch is fetched while this one trains
 (`t_prefetch` and `t_download` in its RoundRecord).
 Each action is idempotent (it checks what it already did), so a repeated or missed state update is harmless.
 Every message is a model of aftermath.round.protocol. The warmup loads the tier's weights AND its cut of the
@@ -51,9 +56,11 @@ from aftermath.faults import FaultConfig, FaultInjector
 from aftermath.metrics import MetricsWriter, peak_memory_bytes
 from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_spec, tier_spec
 from aftermath.model.geometry import max_tier
-from aftermath.round.protocol import (AcceptedResult, AppliedRequest, CheckpointAnswer, CommitRequest, CommitView,
+from aftermath.model.geometry import region_slices
+from aftermath.optim.update import RoundUpdate
+from aftermath.round.protocol import (AppliedRequest, CheckpointAnswer, ClientRoundView, ClientView, CommitRequest,
                                       HashAnswer, HashRequest, HeartbeatRequest, JoinAnswer, JoinRequest,
-                                      ReadyRequest, RoundRecord, RoundView, RunInfo, StateSnapshot)
+                                      OkAnswer, ReadyRequest, RoundDetail, RoundRecord, RunInfo, UpdateView, WitnessRequest)
 from aftermath.round.replica import Replica
 from aftermath.runconfig import RunConfig, parse_run_config
 
@@ -152,6 +159,8 @@ class TrainingClient:
         self.phase = ""
         self.pending_timing: dict[int, dict[str, Any]] = {}  # step -> timings of its training, until applied
         self.prefetched: dict[str, Any] = {}  # blob sha -> decoded payload of a round not applied yet
+        self.details: dict[int, RoundDetail] = {}  # step -> its accepted set (payloads plane, witnesses)
+        self.updates: dict[int, RoundUpdate] = {}  # step -> its decoded update blob (update plane)
         self.own_blobs: dict[str, tuple[int, bytes]] = {}  # sha -> (step, payload) of its own, until applied
         self.overhead = 0.0  # the last round's seconds outside training on the critical path (sent at commit)
         self.batch_ahead: tuple[int, int, asyncio.Task] | None = None  # sequences [lo, hi) fetched for the next step
@@ -159,7 +168,6 @@ class TrainingClient:
         self.failures = 0  # refused calls and failed transfers (reported in the stats)
         self.faults = FaultInjector(options.faults) if options.faults is not None and options.faults.active else None
         self.signer = Signer()  # a fresh keypair for every join
-        self.peer_keys: dict[str, str] = {}  # client id -> public key, from the state
         self.hooks = options.hooks(before_crash=self.metrics.close)
         self.device = torch.device(options.device if options.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -270,7 +278,7 @@ class TrainingClient:
         unreachable_since: float | None = None
         while True:
             try:
-                snap = await self.transport.call_model("GET", "/state", None, StateSnapshot, auth=False, timeout=40,
+                snap = await self.transport.call_model("GET", "/view", None, ClientView, timeout=40,
                                                        params={"after": self.version, "wait": 10})
             except Unreachable as exc:
                 now = time.monotonic()
@@ -309,12 +317,12 @@ class TrainingClient:
             if done:
                 return self._final()
 
-    async def _act(self, snap: StateSnapshot) -> bool:
+    async def _act(self, snap: ClientView) -> bool:
         phase = snap.phase
-        me = snap.member(self.client_id)
+        me = snap.me
         if phase == "Finished":  # the final hash was reported in the last cooldown
             return True
-        if me is None or me.status == "gone":
+        if me.status == "gone":
             log.warning("dropped by the coordinator; joining again")
             await self._join()
             return False
@@ -326,33 +334,29 @@ class TrainingClient:
             self.state.resyncs += 1
             self.replica = None
             self.state.model_step = -1
-            self.prefetched = {}
+            self.prefetched, self.details, self.updates = {}, {}, {}
             self._record(event="resync", epoch=me.resync_epoch)
-        self.peer_keys = {m.id: m.public_key for m in snap.members}
         if me.status != "member":
             return False  # waiting for the next epoch
         rnd, prev = snap.round, snap.previous_round
-        if prev is not None and (prev.accepted is None or rnd is None or prev.step != rnd.step - 1):
+        if prev is not None and (prev.result is None or rnd is None or prev.step != rnd.step - 1):
             prev = None
         if phase == "Warmup" and me.ready_epoch != snap.epoch:
             await self._ensure_model(snap.checkpoint.step)
             await self.transport.call("POST", "/ready", ReadyRequest(epoch=snap.epoch).model_dump())
         elif phase == "RoundTrain" and rnd is not None:
-            mine = rnd.assignments.get(self.client_id)
+            mine = rnd.assignment
             # at step t the weights are at t, or at t - 1 while step t - 1 is still to apply (overlapped)
             fresh = self.state.model_step == rnd.step or (prev is not None and self.state.model_step == prev.step)
-            if mine and self.client_id not in rnd.committed and self.state.committed_step < rnd.step and fresh:
-                first = min(a for a, _ in rnd.assignments.values())
-                await self._train(rnd.step, mine[0], mine[1], prev, first)
+            if mine and not rnd.committed and self.state.committed_step < rnd.step and fresh:
+                await self._train(rnd.step, mine[0], mine[1], prev, rnd.first)
             if prev is not None and self.state.model_step == prev.step:
-                await self._apply(prev.step, prev.accepted, prev.assignments)
-            elif self.state.model_step == rnd.step:
-                await self._prefetch(rnd.step, rnd.commits)
-        elif phase == "RoundWitness" and rnd is not None and rnd.accepted is not None:
+                await self._apply(prev)
+        elif phase == "RoundWitness" and rnd is not None and rnd.result is not None:
             if prev is not None and self.state.model_step == prev.step:
-                await self._apply(prev.step, prev.accepted, prev.assignments)
+                await self._apply(prev)
             if self.state.applied_step < rnd.step and self.state.model_step == rnd.step:
-                await self._apply(rnd.step, rnd.accepted, rnd.assignments)
+                await self._apply(rnd)
         elif phase == "Cooldown":
             if self.state.reported_epoch < snap.epoch and self.state.model_step == snap.step:
                 sha = await asyncio.get_running_loop().run_in_executor(None, self.replica.weights_sha256)
@@ -397,7 +401,7 @@ class TrainingClient:
             return Replica.build(model, self.config, self.spec, self.run, state)
 
         self.replica = await asyncio.get_running_loop().run_in_executor(None, load)
-        self.prefetched, self.own_blobs, self.pending_timing = {}, {}, {}
+        self.prefetched, self.own_blobs, self.pending_timing, self.details, self.updates = {}, {}, {}, {}, {}
         self.state.model_step = ck.info.step
         # a fresh model at step S: nothing of step S or later is committed or applied in this timeline (after a
         # coordinator restart, the steps after its last checkpoint are trained again)
@@ -449,12 +453,12 @@ class TrainingClient:
         await self.transport.received(batch.numel() * (2 if self.config.vocab_size <= 65536 else 4))
         return batch
 
-    async def _train(self, step: int, start: int, end: int, previous: RoundView | None, first: int) -> None:
+    async def _train(self, step: int, start: int, end: int, previous: ClientRoundView | None, first: int) -> None:
         """Train and commit `step` (`first`: the step's first global sequence); `previous` (overlapped rounds):
         the round to apply next, whose results download while this step trains."""
         loop = asyncio.get_running_loop()
         if previous is not None:
-            downloading = asyncio.create_task(self._prefetch(previous.step, previous.commits))
+            downloading = asyncio.create_task(self._prefetch(previous))
             # a failed download is retried by the apply; never leave its error unretrieved
             downloading.add_done_callback(lambda task: task.cancelled() or task.exception())
         t0 = time.perf_counter()
@@ -491,13 +495,15 @@ class TrainingClient:
         if previous is not None:
             await asyncio.wait([downloading])  # what it could not get, the apply fetches
 
-    def _own_result(self, previous: RoundView) -> Any:
-        """This client's own accepted payload of the step in flight, when the weights are still before it (the
-        look-ahead of an overlapped round); None when it has none there."""
-        mine = next((c for c in previous.accepted or [] if c.client_id == self.client_id), None)
-        if self.state.model_step != previous.step or mine is None or mine.blob not in self.own_blobs:
+    def _own_result(self, previous: ClientRoundView) -> Any:
+        """This client's own payload of the step in flight, when the weights are still before it and the round
+        accepted it (the look-ahead of an overlapped round); None otherwise."""
+        if self.state.model_step != previous.step or not previous.committed:
             return None
-        return self._decode(self.own_blobs[mine.blob][1], previous.step, self.client_id, self.spec.tier)
+        mine = next((blob for blob, (step, _) in self.own_blobs.items() if step == previous.step), None)
+        if mine is None:
+            return None
+        return self._decode(self.own_blobs[mine][1], previous.step, self.client_id, self.spec.tier)
 
     # ------------------------------------------------------------------ a round: apply
     def _decode(self, data: bytes, step: int, client_id: str, tier: int | None) -> Any:
@@ -508,48 +514,103 @@ class TrainingClient:
     async def _fetch(self, sha: str) -> bytes:
         return self.own_blobs[sha][1] if sha in self.own_blobs else await self.transport.get_blob(sha)
 
-    async def _prefetch(self, step: int, commits: dict[str, CommitView]) -> None:
-        """While the round waits for slower peers, fetch and decode the results already committed."""
+    async def _detail(self, step: int) -> RoundDetail:
+        """Step `step`'s whole accepted set (fetched once)."""
+        if step not in self.details:
+            detail = await self.transport.call_model("GET", f"/rounds/{step}", None, RoundDetail)
+            self.details = {s: d for s, d in self.details.items() if s > step - 2}
+            self.details[step] = detail
+        return self.details[step]
+
+    async def _update(self, step: int, update: UpdateView) -> RoundUpdate:
+        """Step `step`'s update blob, sha256-checked and decoded (fetched once)."""
+        if step not in self.updates:
+            data = await self.transport.get_blob(update.blob)
+            decoded = await asyncio.get_running_loop().run_in_executor(None, self.replica.decode_update, data, step)
+            self.updates = {s: u for s, u in self.updates.items() if s > step - 2}
+            self.updates[step] = decoded
+        return self.updates[step]
+
+    def _uses_payloads(self, result: Any) -> bool:
+        return result.plane == "payloads" or result.witness
+
+    async def _prefetch(self, rnd: ClientRoundView) -> None:
+        """While this client trains the next step, fetch and decode what applying `rnd` needs."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        for cid, c in commits.items():
-            if c.blob in self.prefetched:
-                continue
-            data = await self._fetch(c.blob)
-            self.prefetched[c.blob] = await loop.run_in_executor(None, self._decode, data, step, cid, c.tier)
+        result = rnd.result
+        if self._uses_payloads(result):
+            detail = await self._detail(rnd.step)
+            for c in detail.accepted:
+                if c.blob in self.prefetched:
+                    continue
+                data = await self._fetch(c.blob)
+                self.prefetched[c.blob] = await loop.run_in_executor(None, self._decode, data, rnd.step,
+                                                                     c.client_id, c.tier)
+        if result.plane == "update" and result.update is not None:
+            await self._update(rnd.step, result.update)
         self.t_prefetch += time.perf_counter() - started
 
-    async def _apply(self, step: int, accepted: list[AcceptedResult], assignments: dict[str, tuple[int, int]]) -> None:
+    async def _apply(self, rnd: ClientRoundView) -> None:
+        """Apply `rnd`'s accepted set, from its payloads or its update blob, and say so. While the update of an
+        'update' round is still being computed, nothing happens: its publication changes the view."""
+        result = rnd.result
+        step = rnd.step
+        if result.plane == "update" and result.update is None:
+            return
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        self._verify_accepted(step, accepted, assignments)
-        missing = [c for c in accepted if c.blob not in self.prefetched]
-        blobs = await asyncio.gather(*(self._fetch(c.blob) for c in missing))
+        prefetched = 0
+        if self._uses_payloads(result):
+            detail = await self._detail(step)
+            self._verify_accepted(detail)
+            accepted = detail.accepted
+            missing = [c for c in accepted if c.blob not in self.prefetched]
+            prefetched = len(accepted) - len(missing)
+            blobs = await asyncio.gather(*(self._fetch(c.blob) for c in missing))
+            update = await self._update(step, result.update) if result.witness else None
+        else:
+            prefetched = int(step in self.updates)
+            update = await self._update(step, result.update)
         t_download = time.perf_counter() - t0
         self._passed(step, "download")
         t1 = time.perf_counter()
-        ready = {c.blob: self.prefetched.pop(c.blob) for c in accepted if c.blob in self.prefetched}
+        if self._uses_payloads(result):
+            ready = {c.blob: self.prefetched.pop(c.blob) for c in accepted if c.blob in self.prefetched}
+
+            def decode() -> list:
+                for c, data in zip(missing, blobs):
+                    ready[c.blob] = self._decode(data, step, c.client_id, c.tier)
+                payloads = [ready[c.blob] for c in accepted]
+                if any(p.step != step or p.client_id != c.client_id for p, c in zip(payloads, accepted)):
+                    raise CoordinatorError(409, f"a prefetched payload does not belong to step {step}")
+                return payloads
+
+            payloads = await loop.run_in_executor(None, decode)
         # what is left belongs to later steps, or to results the round did not accept
         self.prefetched = {sha: p for sha, p in self.prefetched.items() if p.step > step}
-
-        def decode() -> list:
-            for c, data in zip(missing, blobs):
-                ready[c.blob] = self._decode(data, step, c.client_id, c.tier)
-            payloads = [ready[c.blob] for c in accepted]
-            if any(p.step != step or p.client_id != c.client_id for p, c in zip(payloads, accepted)):
-                raise CoordinatorError(409, f"a prefetched payload does not belong to step {step}")
-            return payloads
-
-        payloads = await loop.run_in_executor(None, decode)
         t_decode = time.perf_counter() - t1
         t2 = time.perf_counter()
-        # Aggregate and apply together: DisTrO streams band by band and never holds the whole update.
-        await loop.run_in_executor(None, self.replica.apply, payloads, step)
+        if not self._uses_payloads(result):
+            await loop.run_in_executor(None, self.replica.apply_update, update, step)
+        elif result.witness:
+            mine = await loop.run_in_executor(None, self.replica.round_update, payloads, step, detail.accepted_digest)
+            agrees = update.accepted == detail.accepted_digest and _same_region(mine, update)
+            await loop.run_in_executor(None, self.replica.apply_update, mine, step)  # its own, agreeing or not
+            await self.transport.call_model("POST", "/witness", WitnessRequest(
+                step=step, update=result.update.blob, agrees=agrees), OkAnswer)
+            if not agrees:
+                log.warning("the coordinator's update of step %d differs from the accepted payloads' own: applied "
+                            "ours and told the coordinator", step)
+        else:
+            # Aggregate and apply together: DisTrO streams band by band and never holds the whole update.
+            await loop.run_in_executor(None, self.replica.apply, payloads, step)
         t_aggregate = time.perf_counter() - t2
         t_prefetch, self.t_prefetch = self.t_prefetch, 0.0
         self.state.model_step = step + 1
         self.state.applied_step = step
         self.own_blobs = {sha: own for sha, own in self.own_blobs.items() if own[0] > step}
+        self.updates.pop(step, None)
         self._passed(step, "apply")
         timing = self.pending_timing.pop(step, {})
         # what the batch split must leave room for: the newest round's data, encode and upload, and this apply
@@ -564,24 +625,25 @@ class TrainingClient:
             tokens=timing.get("tokens", 0), sequences=timing.get("sequences", 0),
             tokens_per_s=round(timing["tokens"] / train, 1) if train else None,
             bytes_up=stats["bytes_up"], bytes_down=stats["bytes_down"], peak_memory=stats["peak_memory"],
-            payload_bytes=timing.get("payload_bytes"), accepted=len(accepted), t_data=timing.get("t_data"),
+            payload_bytes=timing.get("payload_bytes"), accepted=result.accepted, t_data=timing.get("t_data"),
             batch_ahead=timing.get("batch_ahead", False),
             t_train=train, t_encode=timing.get("t_encode"), t_upload=timing.get("t_upload"),
-            t_prefetch=round(t_prefetch, 4), prefetched=len(ready) - len(missing), t_download=round(t_download, 4),
-            t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4), faults=self._faults())
+            t_prefetch=round(t_prefetch, 4), prefetched=prefetched, t_download=round(t_download, 4),
+            t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4),
+            data_plane="payloads" if self._uses_payloads(result) else "update",
+            witness=result.witness, faults=self._faults())
         self._record(**record.model_dump(exclude={"time", "client_id", "tier", "spec"}))
         await self.transport.call("POST", "/applied", AppliedRequest(step=step).model_dump())
 
-    def _verify_accepted(self, step: int, accepted: list[AcceptedResult],
-                         assignments: dict[str, tuple[int, int]]) -> None:
+    def _verify_accepted(self, detail: RoundDetail) -> None:
         """Every result of the accepted set must be signed by its client for the range it was assigned."""
-        for c in accepted:
-            key = self.peer_keys.get(c.client_id, "")
-            rng = assignments.get(c.client_id)
+        for c in detail.accepted:
+            key = detail.public_keys.get(c.client_id, "")
+            rng = detail.assignments.get(c.client_id)
             if not key or rng is None:
-                raise SignatureError(f"the accepted result of {c.client_id!r} at step {step} has no known key or "
-                                     f"assignment; not applying this set")
-            verify_commitment(key, c.signature, self.run.run_id, step, c.client_id, c.blob, rng[0], rng[1])
+                raise SignatureError(f"the accepted result of {c.client_id!r} at step {detail.step} has no known key "
+                                     f"or assignment; not applying this set")
+            verify_commitment(key, c.signature, self.run.run_id, detail.step, c.client_id, c.blob, rng[0], rng[1])
 
     def _final(self) -> dict[str, Any]:
         stats = self._stats()
@@ -591,3 +653,9 @@ class TrainingClient:
             k: stats[k] for k in ("loss", "bytes_up", "bytes_down", "tokens", "tokens_per_s", "peak_memory")})
         return {"client_id": self.client_id, "tier": self.spec.tier, "step": self.state.model_step,
                 "weights_sha256": sha, **stats}
+
+
+def _same_region(mine: RoundUpdate, published: RoundUpdate) -> bool:
+    """Whether a region's own update has the published (universal) update's bits on that region."""
+    return all(torch.equal(t, published.params[name][region_slices(tuple(t.shape))])
+               for name, t in mine.params.items())

@@ -66,6 +66,19 @@ class BlobStore:
         self.total_bytes += len(data)
         return True
 
+    def put_own(self, sha256: str, data: bytes) -> bool:
+        """Store a blob the coordinator made itself (a round's update): no size cap or storage cap, but
+        counted, and collected like the others."""
+        path = self.path(sha256)
+        if path.is_file():
+            return False
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{sha256}.tmp-{os.getpid()}-{id(data)}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self.total_bytes += len(data)
+        return True
+
     def get(self, sha256: str) -> bytes:
         path = self.path(sha256)
         if not path.is_file():
@@ -102,14 +115,18 @@ class BlobLedger:
     def uploaded(self, sha256: str, step: int) -> None:
         self._uploaded.setdefault(sha256, step)
 
-    def applied(self, step: int, accepted: list[str]) -> None:
-        """Step `step` was applied with `accepted`: collect what no member can need any more."""
+    def applied(self, step: int, accepted: list[str]) -> list[str]:
+        """Step `step` was applied with `accepted`: collect what no member can need any more (the blobs
+        deleted are returned, for a mirror to delete too)."""
         self._accepted[step] = list(accepted)
         horizon = step - self.keep_rounds
         for old in [s for s in self._accepted if s < horizon]:
             del self._accepted[old]
         keep = {sha for shas in self._accepted.values() for sha in shas}
+        collected = []
         for sha, when in list(self._uploaded.items()):
             if when < horizon and sha not in keep:
                 self.store.delete(sha)
                 del self._uploaded[sha]
+                collected.append(sha)
+        return collected

@@ -34,6 +34,7 @@ from aftermath.errors import CheckpointError, ConfigError
 from aftermath.model import MatFormerConfig, TierSpec, build_model, preset_config, tier_spec
 from aftermath.model.geometry import max_tier
 from aftermath.optim import Payload
+from aftermath.optim.update import encode_update
 from aftermath.round.replica import Replica
 from aftermath.runconfig import RunConfig
 
@@ -116,9 +117,17 @@ class ModelKeeper:
                                           max_positions=self.config.max_position_embeddings)
 
     # ------------------------------------------------------------------ rounds
-    def apply_round(self, step: int, payloads: list[Payload]) -> None:
+    def apply_round(self, step: int, payloads: list[Payload], accepted: str | None = None) -> bytes | None:
+        """Apply step `step`'s accepted set to the universal replica. With `accepted` (its accepted_digest), the
+        round's update is computed once, applied, and returned as the blob to publish (the data plane 'update');
+        without it the payloads are aggregated and applied streamed, and nothing is returned."""
         assert self.replica is not None
-        self.replica.apply(payloads, step)
+        if accepted is None:
+            self.replica.apply(payloads, step)
+            return None
+        update = self.replica.round_update(payloads, step, accepted)
+        self.replica.apply_update(update, step)
+        return encode_update(update, self.replica.rule.codec.plan)
 
     def tier_hash(self, spec: TierSpec) -> str:
         assert self.replica is not None

@@ -27,6 +27,13 @@ ROUTES: dict[tuple[str, str], dict[str, Any]] = {
                         "model": "JoinRequest", "answer": "JoinAnswer"},
     ("GET", "/state"): {"summary": "the run's state; with after=V waits up to wait=S s for a newer version",
                         "query": {"after": "integer", "wait": "number"}, "answer": "StateSnapshot"},
+    ("GET", "/view"): {"summary": "the calling client's own view (the same size whatever the number of clients); "
+                                  "with after=V waits up to wait=S s for a newer view version",
+                       "query": {"after": "integer", "wait": "number"}, "answer": "ClientView", "session": True},
+    ("GET", "/rounds/{step}"): {"summary": "a round's whole accepted set, with the ranges and keys to verify it",
+                                "answer": "RoundDetail", "session": True},
+    ("POST", "/witness"): {"summary": "a witness's verdict on a round's published update", "model": "WitnessRequest",
+                           "answer": "OkAnswer", "session": True},
     ("GET", "/ws"): {"summary": "WebSocket: the state pushed on every change"},
     ("POST", "/heartbeat"): {"summary": "keep the session alive, with stats", "model": "HeartbeatRequest",
                              "answer": "HeartbeatAnswer", "session": True},

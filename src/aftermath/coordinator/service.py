@@ -6,8 +6,10 @@ every body and answer is a model of aftermath.round.protocol):
     GET  /health                      liveness, phase and step                         -> HealthAnswer
     GET  /run                         the run config (without the token), model config  -> RunInfo
     POST /join                        JoinRequest                                       -> JoinAnswer
-    GET  /state[?after=V&wait=S]      the run's state; with `after`, waits up to S s for a version > V
-                                                                                        -> StateSnapshot
+    GET  /state[?after=V&wait=S]      the whole run's state (dashboard, tools); with `after`, waits up to S s
+                                      for a version > V                                  -> StateSnapshot
+    GET  /view[?after=V&wait=S]       what the calling client needs, O(1) in the number of clients; with
+                                      `after`, waits for a view version > V     (session) -> ClientView
     GET  /ws                          WebSocket: the StateSnapshot, pushed on every change
     POST /heartbeat                   HeartbeatRequest                     (session)    -> HeartbeatAnswer
     POST /ready                       ReadyRequest: the member holds the current model (session)
@@ -15,6 +17,8 @@ every body and answer is a model of aftermath.round.protocol):
     GET  /blobs/{sha256}              payload bytes                              (session)
     POST /commit                      CommitRequest                              (session)
     POST /applied                     AppliedRequest: the member applied the round's accepted set (session)
+    GET  /rounds/{step}               a round's whole accepted set, keys and ranges  (session) -> RoundDetail
+    POST /witness                     WitnessRequest: a witness's verdict on a round's update (session)
     POST /hash                        HashRequest                          (session)    -> HashAnswer
     GET  /checkpoint                  the current checkpoint                            -> CheckpointAnswer
     GET  /checkpoint/files/{path}     one file of it
@@ -28,12 +32,17 @@ blob, ASSIGNED range) (aftermath.crypto), and its payload must decode with the r
 address, before it joins) has a token-bucket rate limit (429 + Retry-After); JSON bodies and blobs are size-capped;
 blob storage is bounded and old rounds' blobs are collected (blobs.BlobLedger). Everything that changes the run
 goes through the state machine; slow work (applying rounds, checkpoints, exports) runs in one worker thread, in
-order. Resuming is resume.py, replica checks replicas.py, the summary summary.py.
+order. Resuming is resume.py, replica checks replicas.py, the summary summary.py, how an accepted set reaches
+the clients (payloads, or one published update and its witnesses) distribution.py.
+
+Scale: a client polls its own view, which changes only with what it acts on; long-pollers are woken once per
+tick (20 ms) at most, however many calls changed the run in it; the full state is for the dashboard.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -48,6 +57,7 @@ from pydantic import BaseModel, ValidationError
 
 from aftermath.checkpoint.manifest import read_manifest
 from aftermath.coordinator.blobs import BlobLedger, BlobStore, BlobTooLarge, StorageFull, is_sha256
+from aftermath.coordinator.distribution import RoundDistribution, distribute
 from aftermath.coordinator.keeper import CHECKPOINT_DIR, INFO_FILE, MODEL_DIR, ModelKeeper
 from aftermath.coordinator.persist import save_state, write_json_atomic
 from aftermath.coordinator.ratelimit import RateLimiter
@@ -62,9 +72,11 @@ from aftermath.metrics import MetricsWriter
 from aftermath.model import MatFormerConfig, TierSpec, parse_spec, tier_spec
 from aftermath.model.geometry import max_tier
 from aftermath.optim import Payload
-from aftermath.round.protocol import (AcceptedResult, AppliedRequest, CheckpointAnswer, CommitRequest, HashAnswer,
-                                      HashRequest, HealthAnswer, HeartbeatAnswer, HeartbeatRequest, JoinAnswer,
-                                      JoinRequest, OkAnswer, ReadyRequest, RunInfo, RunSummary, StateSnapshot)
+from aftermath.optim.update import accepted_digest, expected_update_bytes
+from aftermath.round.protocol import (AcceptedResult, AppliedRequest, CheckpointAnswer, ClientView, CommitRequest,
+                                      HashAnswer, HashRequest, HealthAnswer, HeartbeatAnswer, HeartbeatRequest,
+                                      JoinAnswer, JoinRequest, OkAnswer, ReadyRequest, RoundDetail, RunInfo,
+                                      RunSummary, StateSnapshot, UpdateView, WitnessRequest)
 from aftermath.round.replica import build_codec
 from aftermath.runconfig import RunConfig
 
@@ -74,6 +86,8 @@ SUMMARY_FILE = "summary.json"
 MAX_JSON_BYTES = 256 * 1024
 MAX_PATH_CHARS = 1024  # a checkpoint file path; each part is also held to the file system's 255
 STATE_MAX_AGE = 0.5  # seconds a serialised state is served for unchanged (its clock fields age that much at most)
+TICK_SECONDS = 0.02  # the state machine's clock tick; long-pollers are woken at most once per tick
+KEEP_DISTRIBUTIONS = 4  # rounds whose distribution (plane, witnesses, update) is kept
 
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -161,8 +175,17 @@ class CoordinatorService:
         blobs.clear()  # blobs of an earlier process belong to rounds that are redone or done
         self.blobs = blobs
         self.ledger = BlobLedger(blobs)
+        self.mirror = None  # [storage] backend "s3": the bucket clients download blobs from
+        if run.storage.backend == "s3":
+            from aftermath.coordinator.objectstore import S3BlobStore
+
+            # the coordinator's own blobs (a round's update) may be larger than a client's
+            self.mirror = S3BlobStore.from_section(run.storage, max_bytes=2**40)
+        self.mirrored: set[str] = set()  # blobs in the bucket: GET /blobs redirects there
+        self._mirroring: set[asyncio.Task] = set()
         self.limiter = RateLimiter(run.network.rate_limit, run.network.rate_burst)
         self.rejected = 0  # commits refused (bad payload, bad signature, not assigned ...)
+        self.bytes_out = 0  # answer bodies and blobs this process sent (the dashboard's WebSocket aside)
         self.metrics = MetricsWriter(self.run_dir / "metrics" / "coordinator.jsonl")
         if self.resume is not None:  # where this process takes the run up again (the steps after it are redone)
             self.metrics.write(event="resumed", step=self.resume.step, epoch=self.resume.epoch)
@@ -173,8 +196,18 @@ class CoordinatorService:
         self.summary: RunSummary | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keeper")
         self._jobs: asyncio.Queue | None = None
-        self._changed: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None  # woken (once per tick) when the state changed
+        self._view_changed: asyncio.Event | None = None  # woken (once per tick) when the clients' views changed
+        self._dirty = False  # something changed since the last tick woke the pollers
+        self._view_bumps = 0  # view changes of the service's own (updates published); see view_version
         self._state_cache: tuple[tuple[int, bool], float, bytes] | None = None  # see _state_body
+        self._view_cache: tuple[tuple[int, bool], float, dict[str, Any]] | None = None  # see _view_shared
+        self._detail_cache: dict[tuple[int, bool], bytes] = {}  # see round_detail
+        self.distributions: dict[int, RoundDistribution] = {}  # step -> how its accepted set reaches the clients
+        self.update_bytes = 0  # the expected size of a round's update blob (set at start-up)
+        self.updates_published = 0
+        self.update_disputes: list[dict[str, Any]] = []  # witnesses that found a published update wrong
+        self.updates_witnessed = 0  # witness verdicts that agreed
         self._tasks: list[asyncio.Task] = []
         self._websockets: set[web.WebSocketResponse] = set()
         self._exporting: set[str] = set()  # Mix'n'Match specs queued for export into the current checkpoint
@@ -207,6 +240,88 @@ class CoordinatorService:
             self._state_cache = (key, now, self.state().model_dump_json(by_alias=True).encode())
         return self._state_cache[2]
 
+    @property
+    def view_version(self) -> int:
+        return self.machine.view_version + self._view_bumps
+
+    def _view_shared(self) -> dict[str, Any]:
+        """The part of every client's view that is the same for all, built once per view version."""
+        key = (self.view_version, self.summary is not None)
+        now = time.monotonic()
+        if self._view_cache is None or self._view_cache[0] != key or now - self._view_cache[1] > STATE_MAX_AGE:
+            m = self.machine
+            deadline = m.deadline()
+            clock = self.clock()
+            rnd = m.round or m.last_round
+            self._view_cache = (key, now, {
+                "version": self.view_version, "run_id": m.run_id, "phase": m.phase.value, "paused": m.paused,
+                "deadline": deadline, "seconds_left": None if deadline is None else max(0.0, deadline - clock),
+                "epoch": m.epoch, "step": m.step, "total_steps": m.schedule.total_steps,
+                "data_plane": self.run.network.data_plane,
+                "checkpoint": {"epoch": m.checkpoint_epoch, "step": m.checkpoint_step},
+                "finished": self.summary is not None,
+                "rounds": [self._round_shared(r) for r in
+                           (rnd, m.last_round if m.round is not None else None)]})
+        return self._view_cache[2]
+
+    def _round_shared(self, rnd: Any) -> tuple[Any, dict[str, Any], dict[str, Any] | None] | None:
+        if rnd is None:
+            return None
+        base = {"step": rnd.step, "epoch": rnd.epoch, "started_at": rnd.started_at,
+                "first": min((a.start for a in rnd.assignments.values()), default=0)}
+        result = None
+        if rnd.accepted is not None:
+            dist = self.distributions.get(rnd.step)
+            result = {"accepted": len(rnd.accepted), "payload_bytes": sum(c.payload_bytes for c in rnd.accepted),
+                      "plane": "payloads" if dist is None else dist.plane,
+                      "update": None if dist is None or dist.update is None else dist.update.model_dump(),
+                      "witnesses": dist.witnesses if dist is not None else []}
+        return rnd, base, result
+
+    def client_view(self, client_id: str) -> bytes:
+        """GET /view's bytes for `client_id` (a ClientView): the shared part and this client's own."""
+        shared = self._view_shared()
+        member = self.machine.members[client_id]
+
+        def own(entry: tuple[Any, dict[str, Any], dict[str, Any] | None] | None) -> dict[str, Any] | None:
+            if entry is None:
+                return None
+            rnd, base, result = entry
+            mine = rnd.assignments.get(client_id)
+            return {**base, "assignment": None if mine is None else (mine.start, mine.end),
+                    "committed": client_id in rnd.commits,
+                    "result": None if result is None else {
+                        "accepted": result["accepted"], "payload_bytes": result["payload_bytes"],
+                        "plane": result["plane"], "update": result["update"],
+                        "witness": client_id in result["witnesses"]}}
+
+        current, previous = shared["rounds"]
+        view = {k: v for k, v in shared.items() if k != "rounds"}
+        view.update(me=member.to_json(), round=own(current), previous_round=own(previous))
+        return json.dumps(view).encode()
+
+    def round_detail(self, step: int) -> bytes:
+        """GET /rounds/{step}'s bytes (a RoundDetail), built once per step (and once more with its update)."""
+        rnd = self.machine.round_at(step)
+        if rnd is None or rnd.accepted is None:
+            raise web.HTTPNotFound(text=f"step {step}'s accepted set is not published, or no longer held (only the "
+                                   f"round in training and the one before it are)")
+        dist = self.distributions.get(step)
+        key = (step, dist is not None and dist.update is not None)
+        if key not in self._detail_cache:
+            members = self.machine.members
+            ids = [c.client_id for c in rnd.accepted]
+            detail = RoundDetail(
+                step=rnd.step, epoch=rnd.epoch, accepted=[AcceptedResult(**c.to_json()) for c in rnd.accepted],
+                assignments={cid: rnd.assignments[cid].to_json() for cid in ids},
+                public_keys={cid: members[cid].info.public_key for cid in ids},
+                update=None if dist is None else dist.update,
+                accepted_digest=accepted_digest((c.client_id, c.blob) for c in rnd.accepted),
+                witnesses=[] if dist is None else dist.witnesses)
+            self._detail_cache = {k: v for k, v in self._detail_cache.items() if k[0] >= step - KEEP_DISTRIBUTIONS}
+            self._detail_cache[key] = detail.model_dump_json().encode()
+        return self._detail_cache[key]
+
     def spec_of(self, client_id: str) -> TierSpec | None:
         return self.sessions.specs.get(client_id)
 
@@ -221,7 +336,7 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------ app
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware, self._rate_limit_middleware],
+        app = web.Application(middlewares=[self._traffic_middleware, error_middleware, self._rate_limit_middleware],
                               client_max_size=self.run.network.max_blob_bytes + 4096)
         r = app.router
         r.add_get("/health", self.health)
@@ -229,6 +344,9 @@ class CoordinatorService:
         r.add_get("/run", self.run_info)
         r.add_post("/join", self.join)
         r.add_get("/state", self.get_state)
+        r.add_get("/view", self.get_view)
+        r.add_get("/rounds/{step}", self.get_round)
+        r.add_post("/witness", self.witness)
         r.add_get("/ws", self.websocket)
         r.add_post("/heartbeat", self.heartbeat)
         r.add_post("/ready", self.ready)
@@ -258,9 +376,13 @@ class CoordinatorService:
         loop = asyncio.get_running_loop()
         self.finished = asyncio.Event()
         self._changed = asyncio.Event()
+        self._view_changed = asyncio.Event()
         self._jobs = asyncio.Queue()
         resume_step = self.resume.step if self.resume else None
         await loop.run_in_executor(self.executor, self.keeper.start, resume_step)
+        if self.mirror is not None:  # as the disk store: blobs of an earlier process are not needed
+            await loop.run_in_executor(None, self.mirror.clear)
+        self.update_bytes = expected_update_bytes(self.codec.plan, self.keeper.replica.rule.update_kind)
         if self.resume is None:  # the initial model is checkpoint "-1": what the first warmup loads
             info = await loop.run_in_executor(self.executor, self.keeper.write_checkpoint, -1, 0)
             self.checks.set_reference(-1, info["weights_sha256"])
@@ -278,24 +400,33 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------ ticking and events
     def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+        """Something changed: the pollers are woken at the next tick (once, however many changes came)."""
+        self._dirty = True
+
+    def _wake(self, changed: asyncio.Event, view: bool) -> None:
+        changed.set()
+        if view:
+            self._view_changed = asyncio.Event()
+        else:
             self._changed = asyncio.Event()
 
     async def _ticker(self) -> None:
-        last_version = -1
+        last_version, last_view = -1, -1
         while True:
             try:
                 events = self.machine.tick(self.clock())
                 for event in events:
                     self._on_event(event)
-                if self.machine.version != last_version:
-                    last_version = self.machine.version
-                    self._notify()
+                if self.machine.version != last_version or self._dirty:
+                    last_version, self._dirty = self.machine.version, False
+                    self._wake(self._changed, view=False)
                     await self._push_ws()
+                if self.view_version != last_view or self.summary is not None:
+                    last_view = self.view_version
+                    self._wake(self._view_changed, view=True)
             except Exception:  # a bug in an event handler must not stop the run's clock
                 log.exception("tick failed")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(TICK_SECONDS)
 
     def _on_event(self, event: Event) -> None:
         record = {"kind": event.kind, **event.data}
@@ -304,6 +435,7 @@ class CoordinatorService:
         if event.kind in ("joined", "dropped", "deferred", "phase", "epoch_ended", "finished"):
             log.info("%s %s", event.kind, event.data)
         if event.kind == "round_accepted":
+            self._distribute(event.data["step"])
             self._jobs.put_nowait(("apply", event.data))
         elif event.kind == "epoch_ended":
             self._jobs.put_nowait(("checkpoint", event.data))
@@ -333,26 +465,53 @@ class CoordinatorService:
                 if kind == "checkpoint":  # do not hold the run in Cooldown forever; the old checkpoint stands
                     self.machine.checkpoint_done(data["epoch"], data["step"], self.clock())
 
+    def _distribute(self, step: int) -> None:
+        """Decide how step `step`'s accepted set reaches the clients (distribution.py)."""
+        rnd = self.machine.round_at(step)
+        if rnd is None or rnd.accepted is None:
+            return
+        net = self.run.network
+        pairs = [(c.client_id, c.blob) for c in rnd.accepted]
+        self.distributions[step] = distribute(
+            self.run.run_id, step, [(c.client_id, c.blob, c.payload_bytes) for c in rnd.accepted], net.data_plane,
+            self.update_bytes, net.witnesses, accepted_digest(pairs))
+        for old in [s for s in self.distributions if s < step - KEEP_DISTRIBUTIONS]:
+            del self.distributions[old]
+
     async def _apply_job(self, loop: asyncio.AbstractEventLoop, data: dict[str, Any]) -> None:
         step = data["step"]
         accepted = [AcceptedResult.model_validate(c) for c in data["accepted"]]
+        dist = self.distributions.get(step)
+        publish = dist is not None and dist.plane == "update"
         started = time.perf_counter()
 
-        def work() -> int:
+        def work() -> tuple[int, bytes | None]:
             payloads = []
             for c in accepted:
                 payload = self.decoded.pop(c.blob, None)
                 if payload is None:
                     payload = self._decode(self.blobs.get(c.blob), step, c.client_id)
                 payloads.append(payload)
-            self.keeper.apply_round(step, payloads)
-            return sum(self.blobs.size(c.blob) for c in accepted)
+            blob = self.keeper.apply_round(step, payloads, dist.accepted_digest if publish else None)
+            return sum(self.blobs.size(c.blob) for c in accepted), blob
 
-        total = await loop.run_in_executor(self.executor, work)
+        total, blob = await loop.run_in_executor(self.executor, work)
         self.decoded = {sha: p for sha, p in self.decoded.items() if p.step > step}  # late, rejected commits
-        self.ledger.applied(step, [c.blob for c in accepted])
+        update = None
+        if blob is not None:  # the round's update, for every client to download instead of the payloads
+            update = UpdateView(blob=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
+            self.blobs.put_own(update.blob, blob)
+            self.ledger.uploaded(update.blob, step)
+            self._mirror(update.blob, blob)
+            dist.update = update
+            self.updates_published += 1
+            self._view_bumps += 1  # the clients waiting for it are woken at the next tick
+        collected = self.ledger.applied(step, [c.blob for c in accepted] + ([update.blob] if update else []))
+        self._unmirror(collected)
         self.metrics.write(event="applied", step=step, accepted=len(accepted), missing=len(data["missing"]),
                            payload_bytes=total, apply_seconds=round(time.perf_counter() - started, 4),
+                           plane=dist.plane if dist else "payloads", update_bytes=update.bytes if update else None,
+                           bytes_out=self.bytes_out,
                            losses={c.client_id: c.loss for c in accepted})
 
     async def _checkpoint_job(self, loop: asyncio.AbstractEventLoop, data: dict[str, Any]) -> None:
@@ -381,7 +540,9 @@ class CoordinatorService:
         # Hash reports of the last cooldown are in (or timed out): compare and write the summary.
         self.summary = build_summary(self.run.run_id, self.machine, self.checks, self.keeper.val_history,
                                      rejected=self.rejected, rate_limited=self.limiter.limited,
-                                     checkpoint=str(self.run_dir / CHECKPOINT_DIR))
+                                     checkpoint=str(self.run_dir / CHECKPOINT_DIR),
+                                     updates_published=self.updates_published,
+                                     updates_witnessed=self.updates_witnessed, update_disputes=self.update_disputes)
         write_json_atomic(self.run_dir / SUMMARY_FILE, self.summary.model_dump(mode="json"))
         save_state(self.run_dir, self._persisted(finished=True))
         self.metrics.write(event="summary", replicas_consistent=self.summary.replicas_consistent,
@@ -402,6 +563,38 @@ class CoordinatorService:
                 "reference_hashes": {str(k): v for k, v in sorted(self.checks.reference.items())},
                 "hash_reports": reports, "divergences": [d.model_dump() for d in self.checks.divergences]}
 
+    # ------------------------------------------------------------------ the object store mirror
+    def _mirror(self, sha: str, data: bytes) -> None:
+        """Upload a validated blob to the bucket in the background; once there, clients are sent to it."""
+        if self.mirror is None:
+            return
+
+        async def upload() -> None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.mirror.put, sha, data)
+                self.mirrored.add(sha)
+            except AftermathError as exc:  # the coordinator goes on serving it itself
+                log.warning("blob %s is served by the coordinator: the object store refused it (%s)", sha[:12], exc)
+
+        task = asyncio.create_task(upload())
+        self._mirroring.add(task)
+        task.add_done_callback(self._mirroring.discard)
+
+    def _unmirror(self, collected: list[str]) -> None:
+        gone = [sha for sha in collected if sha in self.mirrored]
+        if not gone:
+            return
+        self.mirrored.difference_update(gone)
+
+        def delete() -> None:
+            for sha in gone:
+                try:
+                    self.mirror.delete(sha)
+                except AftermathError as exc:
+                    log.warning("could not delete blob %s from the object store: %s", sha[:12], exc)
+
+        asyncio.get_running_loop().run_in_executor(None, delete)
+
     # ------------------------------------------------------------------ helpers
     def _client(self, request: web.Request) -> str:
         return self.sessions.authenticate(request.headers.get("Authorization", ""))
@@ -419,6 +612,14 @@ class CoordinatorService:
                 await ws.send_str(data)
             except (ConnectionError, RuntimeError):
                 self._websockets.discard(ws)
+
+    @web.middleware
+    async def _traffic_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        """Counts the bytes of every answer (blobs are counted where they are served)."""
+        response = await handler(request)
+        if isinstance(response, web.Response) and response.body is not None:
+            self.bytes_out += len(response.body)
+        return response
 
     @web.middleware
     async def _rate_limit_middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -497,32 +698,72 @@ class CoordinatorService:
             self._jobs.put_nowait(("export", spec))
         self._notify()
         return _answer(JoinAnswer(**self._run_info().model_dump(by_alias=True), client_id=cid, session=session,
-                                  spec=spec.to_json(), status=self.machine.members[cid].status, state=self.state()))
+                                  spec=spec.to_json(), status=self.machine.members[cid].status,
+                                  view=ClientView.model_validate_json(self.client_view(cid))))
 
     def _checkpoint_has(self, name: str) -> bool:
         manifest = read_manifest(self.run_dir / CHECKPOINT_DIR / MODEL_DIR)
         return manifest is not None and manifest.entry(name=name) is not None
 
-    async def get_state(self, request: web.Request) -> web.Response:
+    async def _long_poll(self, request: web.Request, version: Callable[[], int], view: bool) -> None:
+        """With `after=V`, wait (up to `wait` s, at most 30) until `version()` passes V or the run finished."""
         after = request.query.get("after")
-        if after is not None:
+        if after is None:
+            return
+        try:
+            after_v = int(after)
+            wait = min(float(request.query.get("wait", "10")), 30.0)
+        except ValueError:
+            raise web.HTTPBadRequest(text="after must be an integer version and wait a number of seconds")
+        if not math.isfinite(wait) or wait < 0:
+            raise web.HTTPBadRequest(text="wait must be a finite number of seconds >= 0")
+        deadline = time.monotonic() + wait
+        while version() <= after_v and self.summary is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                after_v = int(after)
-                wait = min(float(request.query.get("wait", "10")), 30.0)
-            except ValueError:
-                raise web.HTTPBadRequest(text="after must be an integer version and wait a number of seconds")
-            if not math.isfinite(wait) or wait < 0:
-                raise web.HTTPBadRequest(text="wait must be a finite number of seconds >= 0")
-            deadline = time.monotonic() + wait
-            while self.machine.version <= after_v and self.summary is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=left)
-                except asyncio.TimeoutError:
-                    break
+                await asyncio.wait_for((self._view_changed if view else self._changed).wait(), timeout=left)
+            except asyncio.TimeoutError:
+                break
+
+    async def get_state(self, request: web.Request) -> web.Response:
+        await self._long_poll(request, lambda: self.machine.version, view=False)
         return web.Response(body=self._state_body(), content_type="application/json")
+
+    async def get_view(self, request: web.Request) -> web.Response:
+        cid = self._client(request)
+        await self._long_poll(request, lambda: self.view_version, view=True)
+        return web.Response(body=self.client_view(cid), content_type="application/json")
+
+    async def get_round(self, request: web.Request) -> web.Response:
+        self._client(request)
+        text = request.match_info["step"]
+        if not text.isdigit() or len(text) > 18:
+            raise web.HTTPBadRequest(text=f"step {text[:40]!r} must be a non-negative integer")
+        return web.Response(body=self.round_detail(int(text)), content_type="application/json")
+
+    async def witness(self, request: web.Request) -> web.Response:
+        cid = self._client(request)
+        req = await _body(request, WitnessRequest)
+        dist = self.distributions.get(req.step)
+        if dist is None or cid not in dist.witnesses:
+            raise Rejected(f"client {cid!r} is not a witness of step {req.step}")
+        if dist.update is None or dist.update.blob != req.update:
+            raise Rejected(f"step {req.step}'s published update is not {req.update}")
+        if cid in dist.attestations:
+            return _answer(OkAnswer())
+        dist.attestations[cid] = req.agrees
+        if req.agrees:
+            self.updates_witnessed += 1
+        else:
+            dispute = {"step": req.step, "witness": cid, "update": req.update}
+            self.update_disputes.append(dispute)
+            del self.update_disputes[:-100]
+            log.warning("witness %s says the published update of step %d does not match the accepted payloads",
+                        cid, req.step)
+        self.metrics.write(event="witnessed", step=req.step, client_id=cid, agrees=req.agrees, update=req.update)
+        return _answer(OkAnswer())
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=20)
@@ -566,8 +807,11 @@ class CoordinatorService:
         sha = request.match_info["sha256"]
         if not is_sha256(sha):
             raise web.HTTPBadRequest(text=f"blob id {sha[:80]!r} is not a sha256 (64 lowercase hex digits)")
+        if sha in self.mirrored:  # the bucket serves it (the client checks the bytes against the sha256)
+            raise web.HTTPTemporaryRedirect(self.mirror.download_url(sha))
         if not self.blobs.has(sha):
             raise web.HTTPNotFound(text=f"no blob {sha}: it was never uploaded or has been collected")
+        self.bytes_out += self.blobs.size(sha)
         return web.FileResponse(self.blobs.path(sha), headers={"Content-Type": "application/octet-stream"})
 
     async def commit(self, request: web.Request) -> web.Response:
@@ -581,7 +825,7 @@ class CoordinatorService:
         loop = asyncio.get_running_loop()
         commit = Commit(client_id=cid, step=req.step, blob=req.blob, tier=spec.tier, spec=spec.name,
                         sequences=req.sequences, train_seconds=req.train_seconds, loss=req.loss,
-                        overhead_seconds=req.overhead_seconds)
+                        overhead_seconds=req.overhead_seconds, payload_bytes=len(data))
         try:
             self._verify_signature(cid, req)
             payload = await loop.run_in_executor(None, self._decode, data, req.step, cid)
@@ -592,6 +836,7 @@ class CoordinatorService:
             self.metrics.write(event="rejected", client_id=cid, step=req.step, blob=req.blob, reason=str(exc)[:300])
             raise
         self.decoded[req.blob] = payload
+        self._mirror(req.blob, data)
         if req.stats:
             self.machine.heartbeat(cid, self.clock(), req.stats)
         self._notify()

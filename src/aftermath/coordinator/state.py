@@ -107,6 +107,7 @@ class Commit:
     loss: float
     signature: str = ""  # the client's ed25519 signature of the commitment (aftermath.crypto)
     overhead_seconds: float = 0.0  # its last round's time outside training on its critical path
+    payload_bytes: int = 0  # the size of its blob
 
     def to_json(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "step": self.step, "blob": self.blob, "tier": self.tier,
@@ -146,6 +147,12 @@ class HashReport:
 
 
 # ------------------------------------------------------------------------------------------ events
+# what changes a client's view: phases, rounds, accepted sets, a member's status. Not joins, commits, applied
+# calls, heartbeats or hash reports, so a round's N commits do not wake N long-polling clients N times.
+VIEW_EVENTS = frozenset({"phase", "round_started", "round_accepted", "deferred", "dropped", "diverged", "paused",
+                         "resumed", "finished", "epoch_ended"})
+
+
 @dataclass(frozen=True)
 class Event:
     kind: str  # phase, round_started, round_accepted, epoch_ended, dropped, joined, finished
@@ -176,6 +183,7 @@ class RunStateMachine:
         self.checkpoint_step = step
         self.hash_reports: dict[int, dict[str, HashReport]] = {}  # epoch -> client -> report
         self.version = 0  # bumps on every change, for watchers
+        self.view_version = 0  # bumps only on what a client acts on (see VIEW_EVENTS): its view's version
         self.paused = False  # set by the operator (dashboard): no new round starts while paused
         self._events: list[Event] = []
 
@@ -188,6 +196,8 @@ class RunStateMachine:
     def _emit(self, kind: str, **data: Any) -> None:
         self._events.append(Event(kind, data))
         self.version += 1
+        if kind in VIEW_EVENTS:
+            self.view_version += 1
 
     def _set_phase(self, phase: Phase, now: float) -> None:
         old = self.phase
@@ -210,6 +220,10 @@ class RunStateMachine:
             Phase.ROUND_WITNESS: self.phase_started + s.round_witness_time,
             Phase.COOLDOWN: self.phase_started + s.cooldown_time,
         }.get(self.phase)
+
+    def round_at(self, step: int) -> Round | None:
+        """The round of `step`, while it is the current or the last one."""
+        return next((r for r in (self.round, self.last_round) if r is not None and r.step == step), None)
 
     def _member(self, client_id: str) -> Member:
         member = self.members.get(client_id)
@@ -330,6 +344,7 @@ class RunStateMachine:
         self.checkpoint_epoch = epoch
         self.checkpoint_step = step
         self.version += 1
+        self.view_version += 1
 
     def pause(self, now: float) -> None:
         """The operator pauses the run: the current round finishes, the next one waits for `resume`."""

@@ -18,7 +18,8 @@ def _last_hash(machine: RunStateMachine, client_id: str) -> str | None:
 
 def build_summary(run_id: str, machine: RunStateMachine, checks: ReplicaChecks,
                   val_history: list[dict[str, Any]], *, rejected: int, rate_limited: int,
-                  checkpoint: str) -> RunSummary:
+                  checkpoint: str, updates_published: int = 0, updates_witnessed: int = 0,
+                  update_disputes: list[dict[str, Any]] = ()) -> RunSummary:
     clients = []
     for cid, member in sorted(machine.members.items()):
         stats = member.stats
@@ -37,5 +38,6 @@ def build_summary(run_id: str, machine: RunStateMachine, checks: ReplicaChecks,
     return RunSummary(run_id=run_id, steps=machine.step, epochs=machine.epoch + 1,
                       replicas_consistent=checks.consistent(), hashes_checked=checks.checked,
                       divergences=checks.divergences, unrecovered=checks.unrecovered(), clients=clients,
-                      tiers=tiers, rejected=rejected, rate_limited=rate_limited, val_history=val_history,
-                      checkpoint=checkpoint)
+                      tiers=tiers, rejected=rejected, rate_limited=rate_limited,
+                      updates_published=updates_published, updates_witnessed=updates_witnessed,
+                      update_disputes=list(update_disputes), val_history=val_history, checkpoint=checkpoint)

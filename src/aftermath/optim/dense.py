@@ -25,13 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from aftermath.errors import ConfigError
+from aftermath.errors import ConfigError, PayloadError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import TierSpec, region_slices
 from aftermath.optim.aggregate import aggregate_dense
 from aftermath.optim.payload import VALUE_DTYPES, Payload, WireFormat
 from aftermath.optim.rule import RegionRule
 from aftermath.optim.schedule import LRSchedule
+from aftermath.optim.update import RoundUpdate
 
 ALGORITHMS = ("adamw", "muon")
 
@@ -152,6 +153,19 @@ class DenseOptimizer(RegionRule):
 
     def aggregate_and_apply(self, payloads: list[Payload], step: int) -> None:
         self.apply(self.aggregate(payloads), step)
+
+    update_kind = "float"  # a round's update blob holds the mean gradient
+
+    def round_update(self, payloads: list[Payload], step: int, run_id: str, accepted: str) -> RoundUpdate:
+        """The round's mean gradient, in this replica's shapes (universal for the coordinator's replica)."""
+        return RoundUpdate(kind="float", run_id=run_id, step=step, accepted=accepted,
+                           params=self.aggregate(payloads))
+
+    def apply_update(self, update: RoundUpdate, step: int) -> None:
+        """One step from a round's update blob: the same bits as `aggregate_and_apply` of its payloads."""
+        if update.kind != "float":
+            raise PayloadError(f"a {update.kind!r} update cannot be applied by {self.config.algorithm}")
+        self.apply(update.params, step)
 
     @torch.no_grad()
     def apply(self, grad: dict[str, torch.Tensor], step: int) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aftermath.errors import ConfigError
+from aftermath.errors import ConfigError, PayloadError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import TierSpec, region_slices
 from aftermath.optim.aggregate import aggregate_distro, iter_distro_tiles
@@ -27,6 +27,7 @@ from aftermath.optim.dct import dct_chunks, from_chunks, idct_sparse
 from aftermath.optim.payload import VALUE_DTYPES, Payload, SparseCoefficients, WireFormat
 from aftermath.optim.rule import RegionRule
 from aftermath.optim.schedule import LRSchedule
+from aftermath.optim.update import RoundUpdate
 
 APPLY_MODES = ("sign", "raw")
 
@@ -186,6 +187,42 @@ class DistroOptimizer(RegionRule):
             decay = 1.0 - lr * wd if wd and p.dim() >= 2 else None
             _apply_one(p.data[tile.rows], tile.update, lr, decay, self.config.apply_mode)
             del tile  # free this band before the next one is computed
+
+    @property
+    def update_kind(self) -> str:
+        """What a round's update blob holds: directions for the sign apply, float32 values for the raw one."""
+        return "sign" if self.config.apply_mode == "sign" else "float"
+
+    @torch.no_grad()
+    def round_update(self, payloads: list[Payload], step: int, run_id: str, accepted: str) -> RoundUpdate:
+        """What every replica applies for `step`, in this replica's shapes (a universal replica: the universal
+        shapes, the blob the coordinator publishes): the sign of the aggregate (int8), or, for apply_mode
+        "raw", the aggregate itself. Computed band by band; holds one int8 (or float32) copy of the weights."""
+        sign = self.update_kind == "sign"
+        dtype = torch.int8 if sign else torch.float32
+        out = {n: torch.zeros(tuple(p.shape) if self.region is None else self.shapes[n], dtype=dtype)
+               for n, p in self.params.items()}
+        for tile in iter_distro_tiles(payloads, self.plan, average_over=self.config.average_over,
+                                      region=self.region, tile_bytes=self.tile_bytes):
+            out[tile.name][tile.rows] = torch.sign(tile.update).to(torch.int8) if sign else tile.update
+            del tile
+        return RoundUpdate(kind=self.update_kind, run_id=run_id, step=step, accepted=accepted, params=out)
+
+    @torch.no_grad()
+    def apply_update(self, update: RoundUpdate, step: int) -> None:
+        """Apply a round's update (universal, or this replica's region shapes): the same bits as
+        `aggregate_and_apply` of the payloads it was computed from. Band by band, so the only temporary is one
+        band of float32 directions."""
+        if update.kind != self.update_kind:
+            raise PayloadError(f"a {update.kind!r} update cannot be applied by apply_mode {self.config.apply_mode!r}")
+        lr = self.schedule.lr(step)
+        wd = self.config.weight_decay
+        for name, p in self.params.items():
+            u = update.params[name]
+            decay = 1.0 - lr * wd if wd and p.dim() >= 2 else None
+            band = rows_per_tile(math.prod(p.shape[1:]), self.tile_bytes)
+            for lo in range(0, p.shape[0], band):
+                _apply_one(p.data[lo:lo + band], u[lo:lo + band].to(torch.float32), lr, decay, self.config.apply_mode)
 
     # ------------------------------------------------------------------ replica state
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """The one optimizer interface of a replica (`UpdateRule`), and the set-up every rule shares.
 
 A rule turns this replica's gradients into the payload it publishes, and applies a round's accepted set of
-payloads to the replica's weights, the same bits on every replica. `state_dict()` is the REPLICA state the
+payloads to the replica's weights, the same bits on every replica: from the payloads themselves
+(`aggregate_and_apply`), or from the round's update computed once from them (`round_update`, published as one
+blob by the coordinator; `apply_update`), with the same result. `state_dict()` is the REPLICA state the
 apply step reads (AdamW/Muon moments and step count: part of every checkpoint, so a rebuilt replica applies
 the next round exactly as the others do). Sender-side state that never reaches the weights of other replicas
 (DisTrO's decoupled momentum) is not replica state: a client rebuilt without it still stays bit-identical.
@@ -19,6 +21,7 @@ from aftermath.model.geometry import TierSpec
 from aftermath.optim.codec import PayloadCodec
 from aftermath.optim.payload import Payload, PayloadExpectation, WireFormat
 from aftermath.optim.schedule import LRSchedule
+from aftermath.optim.update import RoundUpdate
 
 
 class UpdateRule(Protocol):
@@ -27,6 +30,12 @@ class UpdateRule(Protocol):
     def encode(self, grads: dict[str, torch.Tensor | None], step: int, run_id: str, client_id: str) -> bytes: ...
 
     def aggregate_and_apply(self, payloads: list[Payload], step: int) -> None: ...
+
+    update_kind: str  # what a round's update blob holds: "sign" or "float" (aftermath.optim.update)
+
+    def round_update(self, payloads: list[Payload], step: int, run_id: str, accepted: str) -> RoundUpdate: ...
+
+    def apply_update(self, update: RoundUpdate, step: int) -> None: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 

@@ -86,6 +86,13 @@ class AppliedRequest(Message):
     step: StrictInt = Field(ge=0)
 
 
+class WitnessRequest(Message):
+    step: StrictInt = Field(ge=0)
+    update: str = Field(pattern=SHA256, description="the update blob the witness checked")
+    agrees: bool = Field(description="the update recomputed from the accepted payloads has the same bits on the "
+                                     "witness's region")
+
+
 class HashRequest(WithStats):
     epoch: StrictInt = Field(ge=0)
     step: StrictInt = Field(ge=0)
@@ -93,7 +100,7 @@ class HashRequest(WithStats):
 
 
 REQUESTS: dict[str, type[Message]] = {m.__name__: m for m in (
-    JoinRequest, HeartbeatRequest, ReadyRequest, CommitRequest, AppliedRequest, HashRequest)}
+    JoinRequest, HeartbeatRequest, ReadyRequest, CommitRequest, AppliedRequest, WitnessRequest, HashRequest)}
 
 
 # ------------------------------------------------------------------------------------------ the state
@@ -176,6 +183,72 @@ class StateSnapshot(Message):
         return next((m for m in self.members if m.id == client_id), None)
 
 
+# ------------------------------------------------------------------------------------------ a client's view
+class UpdateView(Message):
+    blob: str = Field(description="sha256 of the round's update blob (aftermath.optim.update)")
+    bytes: int
+
+
+class ResultView(Message):
+    """A round's accepted set, as one client needs it: how big it is and where its update is."""
+
+    accepted: int = Field(description="results in the accepted set")
+    payload_bytes: int = Field(description="their payloads' bytes together")
+    plane: Literal["payloads", "update"] = Field(description=(
+        "payloads: fetch the accepted payloads (GET /rounds/{step}) and aggregate them; update: apply the "
+        "published update blob (a witness also checks it against the payloads)"))
+    update: UpdateView | None = Field(description="published once the coordinator has computed it (data planes "
+                                                  "'update' and 'auto')")
+    witness: bool = Field(description="this client recomputes the update from the payloads and attests it")
+
+
+class ClientRoundView(Message):
+    step: int
+    epoch: int
+    started_at: float
+    assignment: tuple[int, int] | None = Field(description="this client's global sequences [start, end)")
+    first: int = Field(description="the step's first global sequence")
+    committed: bool = Field(description="this client's result is in")
+    result: ResultView | None = Field(description="published when the round's training ends")
+
+
+class ClientView(Message):
+    """GET /view: what one client needs of the run, the same size whatever the number of clients. Its version
+    changes only with what a client acts on (phases, rounds, accepted sets, updates, member status), not with
+    every commit, applied call or heartbeat."""
+
+    version: int
+    run_id: str
+    phase: Phase
+    paused: bool
+    deadline: float | None
+    seconds_left: float | None
+    epoch: int
+    step: int
+    total_steps: int
+    data_plane: Literal["payloads", "update", "auto"]
+    checkpoint: CheckpointPointer
+    me: MemberView
+    round: ClientRoundView | None
+    previous_round: ClientRoundView | None = Field(description=(
+        "overlapped rounds: the round before `round`, whose accepted set the members apply while they train"))
+    finished: bool = Field(False, description="the summary is written")
+
+
+class RoundDetail(Message):
+    """GET /rounds/{step}: a round's whole accepted set, for the clients that apply it from the payloads and
+    for its witnesses (O(N): fetched once per round by those that need it)."""
+
+    step: int
+    epoch: int
+    accepted: list[AcceptedResult]
+    assignments: dict[str, tuple[int, int]] = Field(description="the accepted clients' ranges (signed)")
+    public_keys: dict[str, str] = Field(description="the accepted clients' ed25519 keys")
+    update: UpdateView | None
+    accepted_digest: str = Field(description="sha256 of the accepted set (aftermath.optim.update.accepted_digest)")
+    witnesses: list[str]
+
+
 # ------------------------------------------------------------------------------------------ answers
 class OkAnswer(Message):
     ok: bool = True
@@ -203,7 +276,7 @@ class JoinAnswer(RunInfo):
     session: str = Field(description="send as 'Authorization: Bearer SESSION' on every later call")
     spec: dict[str, Any]
     status: MemberStatus
-    state: StateSnapshot
+    view: ClientView
 
 
 class HealthAnswer(OkAnswer):
@@ -259,6 +332,12 @@ class HashMismatch(Message):
     expected: str
 
 
+class UpdateDispute(Message):
+    step: int
+    witness: str
+    update: str = Field(description="the published update blob it found wrong")
+
+
 class TierResult(Message):
     val_loss: float | None
     initial_val_loss: float | None
@@ -281,6 +360,10 @@ class RunSummary(Message):
     tiers: dict[str, TierResult]
     rejected: int
     rate_limited: int
+    updates_published: int = Field(0, description="rounds sent to the clients as one update blob (data plane)")
+    updates_witnessed: int = Field(0, description="witness verdicts that a published update is the payloads' own")
+    update_disputes: list[UpdateDispute] = Field(default_factory=list, description=(
+        "witnesses that recomputed a published update from the accepted payloads and got other bits"))
     val_history: list[dict[str, Any]]
     checkpoint: str
 
@@ -310,9 +393,12 @@ class RoundRecord(Message):
     t_train: float | None = Field(description="forward/backward")
     t_encode: float | None = Field(description="encoding its payload")
     t_upload: float | None = Field(description="blob upload and commit")
-    t_prefetch: float = Field(description="fetching and decoding peers' results while the round waited")
+    t_prefetch: float = Field(description="fetching and decoding the round's results while it trained the next step")
     prefetched: int
     t_download: float = Field(description="fetching the rest of the accepted set")
     t_decode: float
     t_aggregate: float = Field(description="aggregate + apply")
+    data_plane: Literal["payloads", "update"] = Field("payloads", description=(
+        "how it got the round: every accepted payload, or the coordinator's update blob"))
+    witness: bool = Field(False, description="it recomputed the published update from the payloads and attested it")
     faults: dict[str, int]

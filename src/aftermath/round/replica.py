@@ -17,6 +17,7 @@ from aftermath.errors import ConfigError, PayloadError
 from aftermath.model import MatFormerConfig, MatFormerLM, TierSpec, param_shapes
 from aftermath.optim import DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer, Payload, PayloadCodec
 from aftermath.optim.rule import UpdateRule
+from aftermath.optim.update import RoundUpdate, decode_update
 from aftermath.runconfig import RunConfig
 
 
@@ -161,6 +162,24 @@ class Replica:
         if any(p.step != step for p in payloads):
             raise PayloadError(f"a payload of another step was given to aggregate step {step}")
         self.rule.aggregate_and_apply(sorted(payloads, key=lambda p: p.client_id), step)
+
+    def round_update(self, payloads: list[Payload], step: int, accepted: str) -> RoundUpdate:
+        """The round's update computed from its accepted set (`accepted`: its accepted_digest), in this replica's
+        shapes: the universal replica's is the blob the coordinator publishes. Nothing is applied."""
+        if any(p.step != step for p in payloads):
+            raise PayloadError(f"a payload of another step was given to aggregate step {step}")
+        return self.rule.round_update(sorted(payloads, key=lambda p: p.client_id), step, self.run.run_id, accepted)
+
+    def decode_update(self, data: bytes, step: int) -> RoundUpdate:
+        """Validate and decode the coordinator's update blob of `step` (raises PayloadError)."""
+        return decode_update(data, self.rule.codec.plan, run_id=self.run.run_id, step=step,
+                             kind=self.rule.update_kind)
+
+    def apply_update(self, update: RoundUpdate, step: int) -> None:
+        """Apply a round's update: the same bits as `apply` of the payloads it was computed from."""
+        if update.step != step:
+            raise PayloadError(f"the update of step {update.step} was given to apply step {step}")
+        self.rule.apply_update(update, step)
 
     # ------------------------------------------------------------------ identity and state
     def weights_sha256(self, spec: TierSpec | None = None) -> str:
