@@ -65,7 +65,7 @@ def test_scale_quick(tmp_path: Path) -> None:
     assert service["clients"] == 4 and service["finished"] is True and not service["errors"]
     assert service["rounds_seen"] == 3 and service["rounds_measured"] >= 1
     assert service["round_s"] > 0 and service["coordinator_cpu_s_per_round"] > 0
-    # join + a few long polls, ready, and per round: PUT blob, commit, the peers' payloads, applied
+    # join + a few long polls, ready, and per round: the commit with its payload, the peers' payloads, applied
     assert service["requests"] >= 4 * (2 + 3 * 3)
     # four clients of tiny payloads: below the crossover, every client fetches the three others' payloads
     assert service["planes"] == ["payloads"] and service["max_client_bytes_down_per_round"] == 3 * service["payload_bytes"]

@@ -49,9 +49,9 @@ def test_latency_loss_and_bandwidth_limit(tmp_path):
 @pytest.mark.parametrize("optimizer", ["distro", "adamw"])
 def test_clients_killed_mid_round_and_restarted(tmp_path, optimizer):
     out = tmp_path / "out"
-    # client-1 dies (SIGKILL) right after uploading its step-1 blob, before committing it; one more random kill.
+    # client-1 dies (SIGKILL) right after training and encoding step 1, before committing it; one more random kill.
     # Under AdamW the restarted client must rebuild the moments from the checkpoint, or it diverges.
-    summary = run_testnet(out, 10, crash_at={1: "1:upload"}, kill_random=1, kill_interval=8.0, restart_delay=0.5,
+    summary = run_testnet(out, 10, crash_at={1: "1:train"}, kill_random=1, kill_interval=8.0, restart_delay=0.5,
                           faults=FaultConfig(seed=3), extra={"optimizer.name": optimizer, "optimizer.lr": 1e-3})
     assert summary["steps"] == 10
     assert summary["replicas_consistent"] is True, summary["unrecovered"]

@@ -327,3 +327,262 @@ def test_decode_rejects_dense_nan(model):
     bad = body[:100] + struct.pack("<f", float("nan")) + body[104:]
     with pytest.raises(PayloadError, match="NaN"):
         decode_payload(join(header, bad), opt.expectation("run-a", 0))
+
+
+# ----------------------------------------------------------------------------------------------- pinned bytes
+def synthetic_payload(cfg, spec, plan, wire, step=5, client_id="pin"):
+    """A payload whose every number follows from its position (no random generator): k distinct, increasing
+    indices per chunk (one in each of k equal blocks of the chunk, so the last block reaches the chunk's end) and
+    values that include 0.0 and negatives."""
+    params = {}
+    for name, shape in param_shapes(cfg, spec).items():
+        shape = tuple(shape)
+        if wire.kind == "dense":
+            n = math.prod(shape)
+            grad = (torch.arange(n, dtype=torch.float64) * 37 % 101 - 50) / 16
+            params[name] = grad.to(torch.float32).reshape(shape)
+            continue
+        pc = plan.params[name]
+        n, k = pc.n_chunks(shape), pc.topk(wire.topk)
+        block = pc.chunk_numel // k
+        idx = [[j * block + (c * 31 + j * 7 + (block - 1) * (c % 3 == 2)) % block for j in range(k)] for c in range(n)]
+        vals = [[((c * 13 + j * 5) % 17 - 8) / 8.0 * 1.5 for j in range(k)] for c in range(n)]
+        params[name] = SparseCoefficients(shape, torch.tensor(idx, dtype=torch.int64).reshape(n, k),
+                                          torch.tensor(vals, dtype=torch.float32).reshape(n, k))
+    return Payload(wire.kind, "run-pin", step, client_id, spec, params)
+
+
+PINNED = {
+    # (preset, spec, chunk, wire kwargs): sha256 of the encoded bytes, computed with the wire-v2 encoder as first
+    # written; the bytes of a payload must never change under an optimisation of the encoder
+    ("tiny", 1, 64, ()):
+        "1992acf6be6957f1ccca8916e223282a0d7de7c2073dbcc4ff7fc86888438391",
+    ("tiny", 3, 64, ()):
+        "f915beec48f6a085c9aa7caa4e3be572a037cf97c1067999409e90e2d99a5e4c",
+    ("tiny", 1, 64, (("topk", 3),)):
+        "6ba309ffc5638b57aa14ab484357c9dbcd41b04a91a004d755753cb5f6af3fd8",
+    ("tiny", 0, 64, (("topk", 20),)):
+        "526f6879c3d37396296fadec62f514ecba1be81782b06c5e614bf4965c2d1c04",
+    ("tiny", 2, 64, (("one_bit", False),)):
+        "ef4b81cca495e86a9b6c5f47c5780c9723c4aaa083eb87d0bb41a1615e6781a8",
+    ("tiny", 1, 64, (("one_bit", False), ("value_dtype", "bfloat16"))):
+        "7cd7173f862841c98b986bcbadd83e38a79008ea1ac0f6f591446a727bf0f70a",
+    ("tiny", 1, 64, (("one_bit", False), ("value_dtype", "float16"), ("topk", 5))):
+        "08609d4aaf4dcb836a233e37ed5bbbc32579c277d7e77bc12c21119a71553294",
+    ("tiny", "mix", 64, ()):
+        "ca7a7dcd3ae57f779e91458c8fe265606a15fea5e41a32b2f77caf33d6b89d56",
+    ("tiny", 1, 32, ()):
+        "392bc4072cbf9e11186b84c078c67ecf4002be8fd1f9a50d8c24455b78bfabaa",
+    ("small", 1, 64, ()):
+        "58e6051b1df43193faefcf2ad41faf2847533353cf1914457a0dddfec6af6ae2",
+    ("tiny", 2, 32, (("topk", 40),)):  # 1-D chunks of 32 keep all 32, the others 40
+        "dd74f78fdeab081ce412fcbcd873ab9ec49a79d8a20c25a3b3faf24388e59871",
+    ("tiny", 1, 64, (("one_bit", False), ("topk", 100))):
+        "03f3b55dfaa69f513ce9f0b302e07ccb7ddea6bcced78616c14ec220346f8a8f",
+    ("tiny", 2, 64, (("kind", "dense"),)):
+        "0c790e0477ece74df3b5e17dfc725300857c8cdaed0fdd05e565e66befb5afdf",
+}
+
+
+def _pinned_case(preset, tier, chunk, wire_kw):
+    cfg = preset_config(preset)
+    spec = mix_spec(cfg, "mix", [256, 128, 512, 64], q_heads=[4, 2, 4, 2]) if tier == "mix" else tier_spec(cfg, tier)
+    plan = ChunkPlan(cfg, chunk)
+    wire = WireFormat(**dict(wire_kw))
+    return cfg, spec, plan, wire, synthetic_payload(cfg, spec, plan, wire)
+
+
+@pytest.mark.parametrize("case", list(PINNED), ids=str)
+def test_encoded_bytes_are_pinned(case):
+    import hashlib
+    cfg, spec, plan, wire, payload = _pinned_case(*case)
+    data = encode_payload(payload, plan, wire)
+    assert hashlib.sha256(data).hexdigest() == PINNED[case]
+    got = decode_payload(data, PayloadExpectation("run-pin", 5, plan, wire, client_id="pin", spec=spec))
+    assert got.spec == spec and list(got.params) == list(payload.params)
+    for name, sent in payload.params.items():
+        if wire.kind == "dense":
+            assert got.params[name].dtype == torch.float32
+            assert torch.equal(got.params[name], sent)
+            continue
+        item = got.params[name]
+        assert item.shape == sent.shape
+        assert item.indices.dtype == torch.int64 and item.values.dtype == torch.float32
+        assert torch.equal(item.indices, sent.indices)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[wire.value_dtype]
+        want = torch.where(sent.values >= 0, 1.0, -1.0) if wire.one_bit else sent.values.to(dtype).to(torch.float32)
+        assert torch.equal(item.values, want)
+
+
+# ---------------------------------------------------------------------------- vectorised codec == per parameter
+import aftermath.optim.payload as payload_module  # noqa: E402
+
+
+def per_parameter(monkeypatch):
+    """Make encode/decode take the per-parameter paths (the reference the vectorised ones must match)."""
+    monkeypatch.setattr(payload_module, "_encode_distro", lambda *a, **k: None)
+    monkeypatch.setattr(payload_module, "_decode_distro", lambda *a, **k: None)
+
+
+def random_payload(cfg, spec, plan, wire, seed, step=5, client_id="fz"):
+    gen = torch.Generator().manual_seed(seed)
+    params = {}
+    for name, shape in param_shapes(cfg, spec).items():
+        shape = tuple(shape)
+        pc = plan.params[name]
+        n, k = pc.n_chunks(shape), pc.topk(wire.topk)
+        idx = torch.rand(n, pc.chunk_numel, generator=gen).topk(k, dim=1).indices.sort(dim=1).values
+        values = torch.randn(n, k, generator=gen)
+        values[torch.rand(n, k, generator=gen) < 0.1] = 0.0
+        params[name] = SparseCoefficients(shape, idx, values)
+    return Payload("distro", "run-fz", step, client_id, spec, params)
+
+
+FUZZ_CASES = [("tiny", 1, 64, ()), ("tiny", 3, 64, (("topk", 3),)), ("tiny", 0, 64, (("topk", 20),)),
+              ("tiny", 2, 64, (("one_bit", False),)),
+              ("tiny", 1, 64, (("one_bit", False), ("value_dtype", "bfloat16"))),
+              ("tiny", 1, 32, (("one_bit", False), ("value_dtype", "float16"), ("topk", 5))), ("tiny", "mix", 64, ()),
+              ("small", 1, 64, ()), ("small", 0, 64, (("topk", 1),)), ("tiny", 2, 32, (("topk", 40),)),
+              ("tiny", 3, 64, (("one_bit", False), ("topk", 70)))]
+
+
+@pytest.mark.parametrize("case", FUZZ_CASES, ids=str)
+def test_vectorised_encoder_matches_per_parameter(monkeypatch, case):
+    cfg, spec, plan, wire, _ = _pinned_case(*case)
+    payloads = [random_payload(cfg, spec, plan, wire, seed) for seed in range(3)]
+    # inputs no real client sends, of one dtype (the vectorised encoder takes them): still the same bytes
+    odd = random_payload(cfg, spec, plan, wire, 9)
+    for i, item in enumerate(odd.params.values()):
+        if i % 4 == 1:
+            item.indices = item.indices.reshape(-1)  # 1-D
+        if i % 7 == 2:  # too many, one too wide for its field, one negative: their low bits, as pack_bits takes
+            item.indices = torch.cat([item.indices.reshape(-1), torch.tensor([5, (1 << 40) + 3, -3])])
+        if i % 6 == 4:
+            item.values = item.values.reshape(-1)[:-1]  # one value short
+    wide = random_payload(cfg, spec, plan, wire, 10)
+    for item in wide.params.values():
+        item.indices = item.indices.to(torch.int32)
+        item.indices[0, 0] = -1
+        item.values = item.values.to(torch.float64).requires_grad_()
+    mixed = random_payload(cfg, spec, plan, wire, 11)  # mixed dtypes: the per-parameter encoder
+    for i, item in enumerate(mixed.params.values()):
+        if i % 5 == 0:
+            item.indices = item.indices.to(torch.int32)
+        if i % 3 == 0:
+            item.values = item.values.to(torch.float64)
+    vectorised = []
+    encode_distro = payload_module._encode_distro
+    monkeypatch.setattr(payload_module, "_encode_distro",
+                        lambda *a: vectorised.append(r := encode_distro(*a)) or r)
+    fast = [encode_payload(p, plan, wire) for p in payloads + [odd, wide, mixed]]
+    assert [r is not None for r in vectorised] == [True] * 5 + [False]
+    per_parameter(monkeypatch)
+    slow = [encode_payload(p, plan, wire) for p in payloads + [odd, wide, mixed]]
+    assert fast == slow
+
+
+def _outcome(data, expected):
+    try:
+        got = decode_payload(data, expected)
+    except PayloadError as exc:
+        return "error", str(exc), None
+    for item in got.params.values():
+        assert item.indices.dtype == torch.int64 and item.values.dtype == torch.float32
+        assert item.indices.shape == item.values.shape and item.indices.is_contiguous()
+    return "ok", (got.spec, got.client_id, got.step, [(n, p.shape) for n, p in got.params.items()]), got.params
+
+
+def _same(a, b):
+    return a[:2] == b[:2] and (a[2] is None) == (b[2] is None) and (a[2] is None or all(
+        torch.equal(a[2][n].indices, b[2][n].indices) and torch.equal(a[2][n].values, b[2][n].values)
+        for n in a[2]))
+
+
+@pytest.mark.parametrize("case", FUZZ_CASES, ids=str)
+def test_vectorised_decoder_matches_per_parameter(monkeypatch, case):
+    """Valid payloads and many corrupted bodies (random bits flipped, in one place or in several): the vectorised
+    decoder accepts exactly what the per-parameter one accepts, with the same result, and otherwise raises the
+    same message (the first problem, in parameter order)."""
+    cfg, spec, plan, wire, _ = _pinned_case(*case)
+    expected = PayloadExpectation("run-fz", 5, plan, wire, client_id="fz", spec=spec)
+    data = encode_payload(random_payload(cfg, spec, plan, wire, 1), plan, wire)
+    body = 12 + struct.unpack("<I", data[8:12])[0]
+    gen = torch.Generator().manual_seed(len(data))
+    blobs = [data]
+    for trial in range(150):
+        bad = bytearray(data)
+        for _ in range(1 + trial % 3):
+            at = body + int(torch.randint(len(data) - body, (1,), generator=gen))
+            bad[at] ^= 1 << int(torch.randint(8, (1,), generator=gen))
+        blobs.append(bytes(bad))
+    blobs.append(data[:-1] + bytes([data[-1] | 1]))  # the last byte: padding in most layouts
+    fast = [_outcome(b, expected) for b in blobs]
+    assert fast[0][0] == "ok"
+    kinds = {kind for kind, _, _ in fast}
+    per_parameter(monkeypatch)
+    slow = [_outcome(b, expected) for b in blobs]
+    differ = [(a[:2], b[:2]) for a, b in zip(fast, slow) if not _same(a, b)]
+    assert not differ, differ[:3]
+    assert kinds == {"ok", "error"}  # the corruptions hit both accepted and refused bodies
+
+
+def test_vectorised_decoder_takes_valid_payloads_without_fallback(monkeypatch):
+    calls = []
+    strict = payload_module._decode_sections
+    monkeypatch.setattr(payload_module, "_decode_sections", lambda *a: calls.append(1) or strict(*a))
+    for case in FUZZ_CASES:
+        cfg, spec, plan, wire, payload = _pinned_case(*case)
+        decode_payload(encode_payload(payload, plan, wire), PayloadExpectation("run-pin", 5, plan, wire))
+    assert not calls
+
+
+def test_layout_cache_is_bounded_and_does_not_keep_plans():
+    import gc
+    import weakref
+    cfg = preset_config("tiny")
+    plan, wire = ChunkPlan(cfg), WireFormat()
+    expected = PayloadExpectation("run-pin", 5, plan, wire)
+    widths = [64, 128, 256, 512]
+    for i in range(payload_module._LAYOUTS.per_plan + 10):
+        spec = mix_spec(cfg, f"m{i}", [widths[i % 4], widths[i // 4 % 4], widths[i // 16 % 4], 64])
+        decode_payload(encode_payload(synthetic_payload(cfg, spec, plan, wire), plan, wire), expected)
+    assert len(payload_module._LAYOUTS._plans[plan]) <= payload_module._LAYOUTS.per_plan
+    ref = weakref.ref(plan)
+    del plan, expected
+    gc.collect()
+    assert ref() is None
+
+
+def test_cached_spec_is_still_checked(model):
+    """A spec the cache knows passes its checks again; one it does not know is checked in full."""
+    opt, spec, data = make(model, tier=1)
+    expected = opt.expectation("run-a", 3, client_id="c1")
+    decode_payload(data, expected)
+    decode_payload(data, expected)  # from the cache
+    header, body = split(data)
+    for raw, words in [({"tier": 9}, "tier 9"), ({"tier": True}, "integer"), ({"tier": 1.0}, "integer"),
+                       ({"tier": 2}, "describes"), ({"name": "odd", "ffn_widths": [200] * 4, "q_heads": [4] * 4,
+                                                     "kv_heads": [2] * 4}, "chunks")]:
+        for _ in range(2):
+            with pytest.raises(PayloadError, match=words):
+                decode_payload(join(dict(header, spec=raw), body), expected)
+    with pytest.raises(PayloadError, match="assigned"):
+        decode_payload(data, opt.expectation("run-a", 3, spec=tier_spec(CFG, 2)))
+
+
+@pytest.mark.parametrize("case", [FUZZ_CASES[0], FUZZ_CASES[2], FUZZ_CASES[-2]], ids=str)
+def test_vectorised_codec_in_small_blocks(monkeypatch, case):
+    """Big payloads go through the vectorised codec a block of fields at a time: blocks that cut parameters and
+    chunks anywhere give the same bytes and the same decoding."""
+    cfg, spec, plan, wire, _ = _pinned_case(*case)
+    payload = random_payload(cfg, spec, plan, wire, 4)
+    expected = PayloadExpectation("run-fz", 5, plan, wire)
+    data = encode_payload(payload, plan, wire)
+    whole = _outcome(data, expected)
+    bad = bytearray(data)
+    bad[-len(data) // 3] ^= 0x10
+    bad_whole = _outcome(bytes(bad), expected)
+    monkeypatch.setattr(payload_module, "PACK_BLOCK", 37)
+    assert encode_payload(payload, plan, wire) == data
+    assert _same(_outcome(data, expected), whole) and whole[0] == "ok"
+    assert _same(_outcome(bytes(bad), expected), bad_whole)

@@ -45,7 +45,7 @@ from aftermath.metrics import read_metrics
 from aftermath.report import plot_loss
 from aftermath.round.protocol import StateSnapshot
 
-OWNED = ("checkpoint", "metrics", "blobs", "logs", "summary.json", "loss.png", "state.json", ".checkpoint-tmp",
+OWNED = ("checkpoint", "metrics", "logs", "summary.json", "loss.png", "state.json", ".checkpoint-tmp",
          ".checkpoint-old", ".clients", "coordinator.json", "report.html", "report-loss.png",
          "report-validation.png", "report-bandwidth.png", "report-tokens-per-s.png")
 

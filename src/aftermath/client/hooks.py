@@ -20,15 +20,14 @@ from aftermath.round.replica import Replica
 log = logging.getLogger("aftermath.client")
 
 # The points of a round of `step`, in order:
-PHASES = ("train",  # after training and encoding, before the upload
-          "upload",  # after the blob upload, before the commit
+PHASES = ("train",  # after training and encoding, before the commit (its payload travels with it)
           "commit",  # after the commit, before the accepted set is fetched
           "download",  # after fetching the accepted set, before applying it
           "apply")  # after applying, before saying so
 
 
 def parse_crash_at(text: str | None) -> tuple[int, str] | None:
-    """`--crash-at 3:upload` (or AFTERMATH_CRASH_AT) -> (3, "upload")."""
+    """`--crash-at 3:train` (or AFTERMATH_CRASH_AT) -> (3, "train")."""
     if not text:
         return None
     step, _, phase = text.partition(":")

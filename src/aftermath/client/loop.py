@@ -1,7 +1,7 @@
 """The client's round loop: follow the coordinator's state and do this client's part of each phase.
 
     join -> (Warmup) fetch the current model of its tier, say ready
-         -> (RoundTrain) tokens of its batch range -> forward/backward -> DisTrO payload -> upload -> commit
+         -> (RoundTrain) tokens of its batch range -> forward/backward -> DisTrO payload -> commit with it
          -> (RoundWitness) fetch the round -> apply -> say applied
          -> (Cooldown) report the replica hash -> ... -> (Finished) exit
 
@@ -32,6 +32,7 @@ transport; test hooks (crash, perturb) reach the round through one seam (afterma
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import posixpath
@@ -290,6 +291,13 @@ class TrainingClient:
                 log.warning("coordinator unreachable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
+            except CoordinatorError as exc:
+                if exc.status != 401:
+                    raise
+                log.warning("session lost (%s); joining again", exc.message)  # e.g. a restarted coordinator
+                await self._join()
+                self.version = -1
+                continue
             unreachable_since = None
             self.version = snap.version
             self.phase = snap.phase
@@ -341,6 +349,9 @@ class TrainingClient:
         rnd, prev = snap.round, snap.previous_round
         if prev is not None and (prev.result is None or rnd is None or prev.step != rnd.step - 1):
             prev = None
+        if snap.catch_up is not None and self.state.model_step == snap.catch_up.step:
+            # we fell behind (the round after the one we lack has closed too): apply what we lack first
+            await self._apply(snap.catch_up)
         if phase == "Warmup" and me.ready_epoch != snap.epoch:
             await self._ensure_model(snap.checkpoint.step)
             await self.transport.call("POST", "/ready", ReadyRequest(epoch=snap.epoch).model_dump())
@@ -473,8 +484,7 @@ class TrainingClient:
         t_encode = time.perf_counter() - t1
         self._passed(step, "train")
         t2 = time.perf_counter()
-        sha = await self.transport.put_blob(blob)
-        self._passed(step, "upload")
+        sha = hashlib.sha256(blob).hexdigest()
         self.own_blobs[sha] = (step, blob)  # decoded from memory at apply time, not downloaded again
         self.state.last_loss = result.loss
         self.state.tokens += result.tokens
@@ -484,7 +494,7 @@ class TrainingClient:
                                 loss=result.loss if math.isfinite(result.loss) else 1e9, stats=self._stats(),
                                 signature=self.signer.sign_commitment(self.run.run_id, step, self.client_id, sha,
                                                                       start, end))
-        await self.transport.call("POST", "/commit", request.model_dump())
+        await self.transport.commit(request, blob)  # the payload and its commit in one request
         t_upload = time.perf_counter() - t2
         self._passed(step, "commit")
         self.state.committed_step = step

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from aftermath.errors import AftermathError
 from aftermath.faults import FaultInjector, InjectedDrop
+from aftermath.round.protocol import COMMIT_WITH_BLOB, pack_commit
 
 
 Answer = TypeVar("Answer", bound=BaseModel)
@@ -150,6 +151,17 @@ class Transport:
         if status >= 400:
             raise CoordinatorError(status, body[:300].decode(errors="replace"))
         return sha
+
+    async def commit(self, request: BaseModel, blob: bytes) -> None:
+        """POST /commit with the payload in the same request (aftermath.round.protocol.pack_commit)."""
+        status, body = await self._send("POST", "/commit", body=pack_commit(request, blob),
+                                        content_type=COMMIT_WITH_BLOB)
+        if status >= 400:
+            try:
+                message = json.loads(body).get("error", "?")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                message = body[:300].decode(errors="replace")
+            raise CoordinatorError(status, message)
 
     async def get_bytes(self, path: str, sha256: str | None = None, auth: bool = True) -> bytes:
         """GET raw bytes; with `sha256`, the bytes are checked (a damaged transfer is retried once more)."""

@@ -1,16 +1,15 @@
 """Content-addressed blob store: a payload is stored under the sha256 of its bytes, checked on receipt.
 
-Files live at `ROOT/ab/abcdef...` (two-level fan-out); a write goes to a temp file renamed into place, so a
-reader sees a whole blob or none. Blobs are immutable: putting the same bytes twice is a no-op. The store counts
-its bytes, so the owner can bound them (`put(..., storage_cap)`; StorageFull beyond it).
+The blobs of the rounds in flight, in memory: a restarted coordinator redoes the rounds after its last
+checkpoint, so a blob never needs to outlive the process, and a round's N uploads cost no file system work.
+Blobs are immutable: putting the same bytes twice is a no-op. The store counts its bytes, so the owner can bound
+them (`put(..., storage_cap)`; StorageFull beyond it), and the ledger collects the rounds no member needs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from pathlib import Path
 
 from aftermath.errors import PayloadError
 
@@ -30,76 +29,56 @@ class StorageFull(PayloadError):
 
 
 class BlobStore:
-    def __init__(self, root: str | Path, max_bytes: int) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
-        self.total_bytes = sum(p.stat().st_size for p in self.root.glob("??/*") if p.is_file())
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes  # the largest blob a client may put
+        self._blobs: dict[str, bytes] = {}
+        self.total_bytes = 0
 
-    def path(self, sha256: str) -> Path:
+    def _check_id(self, sha256: str) -> None:
         if not is_sha256(sha256):
             raise PayloadError(f"blob id {sha256!r} is not a sha256 (64 lowercase hex digits)")
-        return self.root / sha256[:2] / sha256
 
     def has(self, sha256: str) -> bool:
-        return is_sha256(sha256) and self.path(sha256).is_file()
+        return sha256 in self._blobs
 
     def put(self, sha256: str, data: bytes, storage_cap: int | None = None) -> bool:
         """Store `data` under `sha256`; False when it was already there. Raises when the hash does not match, and
         StorageFull when the store would exceed `storage_cap` bytes."""
-        path = self.path(sha256)
+        self._check_id(sha256)
         if len(data) > self.max_bytes:
             raise BlobTooLarge(f"blob of {len(data)} bytes exceeds the cap of {self.max_bytes} bytes "
                                f"(network.max_blob_bytes)")
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
             raise PayloadError(f"blob bytes hash to {actual}, not to the id {sha256} they were sent under")
-        if path.is_file():
+        if sha256 in self._blobs:
             return False
         if storage_cap is not None and self.total_bytes + len(data) > storage_cap:
             raise StorageFull(f"blob storage holds {self.total_bytes} bytes; {len(data)} more would pass the cap of "
                               f"{storage_cap} (network.max_blob_storage_bytes); retry after the next round")
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{sha256}.tmp-{os.getpid()}-{id(data)}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        self.total_bytes += len(data)
-        return True
+        return self._keep(sha256, bytes(data))
 
     def put_own(self, sha256: str, data: bytes) -> bool:
         """Store a blob the coordinator made itself (a round's update): no size cap or storage cap, but
         counted, and collected like the others."""
-        path = self.path(sha256)
-        if path.is_file():
-            return False
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{sha256}.tmp-{os.getpid()}-{id(data)}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        self._check_id(sha256)
+        return sha256 not in self._blobs and self._keep(sha256, data)
+
+    def _keep(self, sha256: str, data: bytes) -> bool:
+        self._blobs[sha256] = data
         self.total_bytes += len(data)
         return True
 
     def get(self, sha256: str) -> bytes:
-        path = self.path(sha256)
-        if not path.is_file():
-            raise KeyError(sha256)
-        return path.read_bytes()
+        return self._blobs[sha256]  # KeyError when absent
 
     def size(self, sha256: str) -> int:
-        return self.path(sha256).stat().st_size
+        return len(self._blobs[sha256])
 
     def delete(self, sha256: str) -> None:
-        path = self.path(sha256)
-        if path.is_file():
-            self.total_bytes -= path.stat().st_size
-            path.unlink()
-
-    def clear(self) -> None:
-        """Remove every blob (and leftover temporaries)."""
-        for path in self.root.glob("??/*"):
-            if path.is_file():
-                path.unlink()
-        self.total_bytes = 0
+        data = self._blobs.pop(sha256, None)
+        if data is not None:
+            self.total_bytes -= len(data)
 
 
 class BlobLedger:

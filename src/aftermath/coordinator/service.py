@@ -15,7 +15,8 @@ every body and answer is a model of aftermath.round.protocol):
     POST /ready                       ReadyRequest: the member holds the current model (session)
     PUT  /blobs/{sha256}              payload bytes, hash checked, size capped   (session)
     GET  /blobs/{sha256}              payload bytes                              (session)
-    POST /commit                      CommitRequest                              (session)
+    POST /commit                      CommitRequest (its blob PUT before), or packed with its blob
+                                      (protocol.COMMIT_WITH_BLOB): one request   (session)
     POST /applied                     AppliedRequest: the member applied the round's accepted set (session)
     GET  /rounds/{step}               a round's whole accepted set, keys and ranges  (session) -> RoundDetail
     POST /witness                     WitnessRequest: a witness's verdict on a round's update (session)
@@ -73,10 +74,10 @@ from aftermath.model import MatFormerConfig, TierSpec, parse_spec, tier_spec
 from aftermath.model.geometry import max_tier
 from aftermath.optim import Payload
 from aftermath.optim.update import accepted_digest, expected_update_bytes
-from aftermath.round.protocol import (AcceptedResult, AppliedRequest, CheckpointAnswer, ClientView, CommitRequest,
-                                      HashAnswer, HashRequest, HealthAnswer, HeartbeatAnswer, HeartbeatRequest,
+from aftermath.round.protocol import (COMMIT_WITH_BLOB, AcceptedResult, AppliedRequest, CheckpointAnswer,
+                                      ClientView, CommitRequest, HashAnswer, HashRequest, HealthAnswer, HeartbeatAnswer, HeartbeatRequest,
                                       JoinAnswer, JoinRequest, OkAnswer, ReadyRequest, RoundDetail, RunInfo,
-                                      RunSummary, StateSnapshot, UpdateView, WitnessRequest)
+                                      RunSummary, StateSnapshot, UpdateView, WitnessRequest, unpack_commit)
 from aftermath.round.replica import build_codec
 from aftermath.runconfig import RunConfig
 
@@ -171,10 +172,8 @@ class CoordinatorService:
                                            epoch=self.resume.epoch + 1, data_position=self.resume.data_position)
             self._restore_history(self.resume)
         self.codec = build_codec(run, self.keeper.config)  # checks every commit's payload before it is accepted
-        blobs = BlobStore(self.run_dir / "blobs", run.network.max_blob_bytes)
-        blobs.clear()  # blobs of an earlier process belong to rounds that are redone or done
-        self.blobs = blobs
-        self.ledger = BlobLedger(blobs)
+        self.blobs = BlobStore(run.network.max_blob_bytes)  # the rounds in flight, in memory
+        self.ledger = BlobLedger(self.blobs)
         self.mirror = None  # [storage] backend "s3": the bucket clients download blobs from
         if run.storage.backend == "s3":
             from aftermath.coordinator.objectstore import S3BlobStore
@@ -202,6 +201,7 @@ class CoordinatorService:
         self._view_bumps = 0  # view changes of the service's own (updates published); see view_version
         self._state_cache: tuple[tuple[int, bool], float, bytes] | None = None  # see _state_body
         self._view_cache: tuple[tuple[int, bool], float, dict[str, Any]] | None = None  # see _view_shared
+        self._round_entries: dict[int, Any] = {}  # step -> _round_shared of a round members catch up on
         self._detail_cache: dict[tuple[int, bool], bytes] = {}  # see round_detail
         self.distributions: dict[int, RoundDistribution] = {}  # step -> how its accepted set reaches the clients
         self.update_bytes = 0  # the expected size of a round's update blob (set at start-up)
@@ -253,6 +253,7 @@ class CoordinatorService:
             deadline = m.deadline()
             clock = self.clock()
             rnd = m.round or m.last_round
+            self._round_entries = {}
             self._view_cache = (key, now, {
                 "version": self.view_version, "run_id": m.run_id, "phase": m.phase.value, "paused": m.paused,
                 "deadline": deadline, "seconds_left": None if deadline is None else max(0.0, deadline - clock),
@@ -297,7 +298,16 @@ class CoordinatorService:
 
         current, previous = shared["rounds"]
         view = {k: v for k, v in shared.items() if k != "rounds"}
-        view.update(me=member.to_json(), round=own(current), previous_round=own(previous))
+        # a member that fell behind (its next step to apply is older than the previous round) catches up first
+        behind, oldest = member.applied_step + 1, (previous or current or (None, {"step": -1}))[1]["step"]
+        catch_up = None
+        in_rounds = self.machine.phase.value in ("RoundTrain", "RoundWitness")
+        if member.status == "member" and member.ready_epoch == self.machine.epoch and in_rounds and behind < oldest:
+            if behind not in self._round_entries:
+                self._round_entries[behind] = self._round_shared(self.machine.round_at(behind))
+            catch_up = own(self._round_entries[behind])
+        view.update(me=member.to_json(), round=own(current), previous_round=own(previous),
+                    catch_up=catch_up if catch_up is not None and catch_up["result"] is not None else None)
         return json.dumps(view).encode()
 
     def round_detail(self, step: int) -> bytes:
@@ -337,7 +347,7 @@ class CoordinatorService:
     # ------------------------------------------------------------------ app
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._traffic_middleware, error_middleware, self._rate_limit_middleware],
-                              client_max_size=self.run.network.max_blob_bytes + 4096)
+                              client_max_size=self.run.network.max_blob_bytes + MAX_JSON_BYTES + 4096)
         r = app.router
         r.add_get("/health", self.health)
         r.add_get("/openapi.json", self.openapi)
@@ -443,7 +453,9 @@ class CoordinatorService:
             self._jobs.put_nowait(("finish", event.data))
         self.metrics.write(event=event.kind, **{k: v for k, v in event.data.items() if k != "accepted"},
                            **({"accepted": [c["client_id"] for c in event.data["accepted"]]}
-                              if "accepted" in event.data else {}))
+                              if "accepted" in event.data else {}),
+                           # what it sent so far: a round's traffic is the difference to the next round's start
+                           **({"bytes_out": self.bytes_out} if event.kind == "round_started" else {}))
 
     async def _worker(self) -> None:
         """Runs the slow jobs in order, in one thread: apply rounds, write checkpoints, export specs, finish."""
@@ -511,7 +523,6 @@ class CoordinatorService:
         self.metrics.write(event="applied", step=step, accepted=len(accepted), missing=len(data["missing"]),
                            payload_bytes=total, apply_seconds=round(time.perf_counter() - started, 4),
                            plane=dist.plane if dist else "payloads", update_bytes=update.bytes if update else None,
-                           bytes_out=self.bytes_out,
                            losses={c.client_id: c.loss for c in accepted})
 
     async def _checkpoint_job(self, loop: asyncio.AbstractEventLoop, data: dict[str, Any]) -> None:
@@ -811,17 +822,27 @@ class CoordinatorService:
             raise web.HTTPTemporaryRedirect(self.mirror.download_url(sha))
         if not self.blobs.has(sha):
             raise web.HTTPNotFound(text=f"no blob {sha}: it was never uploaded or has been collected")
-        self.bytes_out += self.blobs.size(sha)
-        return web.FileResponse(self.blobs.path(sha), headers={"Content-Type": "application/octet-stream"})
+        return web.Response(body=self.blobs.get(sha), content_type="application/octet-stream")
 
     async def commit(self, request: web.Request) -> web.Response:
         cid = self._client(request)
-        req = await _body(request, CommitRequest)
-        if not self.blobs.has(req.blob):
-            raise web.HTTPConflict(text=f"blob {req.blob} has not been uploaded: PUT /blobs/{req.blob} first")
+        if request.content_type == COMMIT_WITH_BLOB:  # the payload in the same request
+            try:
+                fields, data = unpack_commit(await request.read(), MAX_JSON_BYTES)
+            except ValueError as exc:
+                raise web.HTTPBadRequest(text=str(exc)) from exc
+            if not isinstance(fields, dict):
+                raise web.HTTPBadRequest(text="the commit's JSON must be an object")
+            req = CommitRequest.model_validate(fields)
+            self.blobs.put(req.blob, data, self.run.network.max_blob_storage_bytes)
+            self.ledger.uploaded(req.blob, self.machine.step)
+        else:
+            req = await _body(request, CommitRequest)
+            if not self.blobs.has(req.blob):
+                raise web.HTTPConflict(text=f"blob {req.blob} has not been uploaded: PUT /blobs/{req.blob} first")
+            data = self.blobs.get(req.blob)
         spec = self.sessions.specs[cid]
         # Validate the payload before it can enter an accepted set: a bad payload must never reach a model.
-        data = self.blobs.get(req.blob)
         loop = asyncio.get_running_loop()
         commit = Commit(client_id=cid, step=req.step, blob=req.blob, tier=spec.tier, spec=spec.name,
                         sequences=req.sequences, train_seconds=req.train_seconds, loss=req.loss,

@@ -149,6 +149,7 @@ class HashReport:
 # ------------------------------------------------------------------------------------------ events
 # what changes a client's view: phases, rounds, accepted sets, a member's status. Not joins, commits, applied
 # calls, heartbeats or hash reports, so a round's N commits do not wake N long-polling clients N times.
+KEEP_EARLIER_ROUNDS = 2  # rounds kept before the last one: a member that fell behind applies them from here
 VIEW_EVENTS = frozenset({"phase", "round_started", "round_accepted", "deferred", "dropped", "diverged", "paused",
                          "resumed", "finished", "epoch_ended"})
 
@@ -179,6 +180,7 @@ class RunStateMachine:
         self.members: dict[str, Member] = {}
         self.round: Round | None = None
         self.last_round: Round | None = None
+        self.earlier_rounds: list[Round] = []  # the few rounds before last_round, for members catching up
         self.checkpoint_epoch = epoch - 1  # the last epoch whose checkpoint is written (-1: the initial one)
         self.checkpoint_step = step
         self.hash_reports: dict[int, dict[str, HashReport]] = {}  # epoch -> client -> report
@@ -223,7 +225,8 @@ class RunStateMachine:
 
     def round_at(self, step: int) -> Round | None:
         """The round of `step`, while it is the current or the last one."""
-        return next((r for r in (self.round, self.last_round) if r is not None and r.step == step), None)
+        return next((r for r in (self.round, self.last_round, *self.earlier_rounds)
+                     if r is not None and r.step == step), None)
 
     def _member(self, client_id: str) -> Member:
         member = self.members.get(client_id)
@@ -415,7 +418,7 @@ class RunStateMachine:
                 if s.overlap and not self.paused and not self._epoch_over(rnd.step + 1, now):
                     # the next step trains while this one is applied
                     self.step = rnd.step + 1
-                    self.last_round, self.round = rnd, None
+                    self._retire(rnd)
                     self._start_round(now)
                 else:
                     self._set_phase(Phase.ROUND_WITNESS, now)
@@ -440,7 +443,7 @@ class RunStateMachine:
                         m.status = "pending"
                         self._emit("deferred", client_id=m.id, reason=f"did not apply step {rnd.step} in time")
                 self.step = rnd.step + 1
-                self.last_round, self.round = rnd, None
+                self._retire(rnd)
                 if self._epoch_over(self.step, now):
                     self._set_phase(Phase.COOLDOWN, now)
                     self._emit("epoch_ended", epoch=self.epoch, step=self.step)
@@ -484,6 +487,12 @@ class RunStateMachine:
         if late:
             self.version += 1
         return bool(late)
+
+    def _retire(self, rnd: Round) -> None:
+        """`rnd`'s accepted set is fixed and the step moves on: it becomes the last round."""
+        if self.last_round is not None:
+            self.earlier_rounds = [self.last_round, *self.earlier_rounds][:KEEP_EARLIER_ROUNDS]
+        self.last_round, self.round = rnd, None
 
     def _start_round(self, now: float) -> None:
         members = self.active()

@@ -31,6 +31,7 @@ whatever order they arrived in, and a region replica agrees bit for bit with the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -93,22 +94,49 @@ class UpdateTile:
     update: torch.Tensor
 
 
-def _coefficients(p: Payload, name: str, pc: ParamChunking) -> SparseCoefficients:
-    """`p`'s coefficients for `name`, checked so that aggregating them cannot fail half-way."""
+def _coefficients(p: Payload, name: str, pc: ParamChunking, checked: set[tuple[int, ...]]) -> SparseCoefficients:
+    """`p`'s coefficients for `name`, their shapes checked (`checked`: the region shapes already found valid);
+    `_groups` checks the index ranges, so that aggregating them cannot fail half-way."""
     item = p.params.get(name)
     if not isinstance(item, SparseCoefficients):
         raise PayloadError(f"payload of {p.client_id!r} holds no DisTrO coefficients for {name}")
-    try:
-        pc.check_region(tuple(item.shape), f"payload of {p.client_id!r}")
-    except ConfigError as exc:
-        raise PayloadError(str(exc)) from exc
-    n = pc.n_chunks(tuple(item.shape))
+    shape = tuple(item.shape)
+    if shape not in checked:
+        try:
+            pc.check_region(shape, f"payload of {p.client_id!r}")
+        except ConfigError as exc:
+            raise PayloadError(str(exc)) from exc
+        checked.add(shape)
+    n = pc.n_chunks(shape)
     if item.indices.dim() != 2 or item.indices.shape[0] != n or item.values.shape != item.indices.shape:
         raise PayloadError(f"payload of {p.client_id!r}: {name} has indices {tuple(item.indices.shape)} and values "
-                           f"{tuple(item.values.shape)}; its region {tuple(item.shape)} needs ({n}, k) of both")
-    if item.indices.numel() and (int(item.indices.min()) < 0 or int(item.indices.max()) >= pc.chunk_numel):
-        raise PayloadError(f"payload of {p.client_id!r}: an index of {name} lies outside 0..{pc.chunk_numel - 1}")
+                           f"{tuple(item.values.shape)}; its region {shape} needs ({n}, k) of both")
     return item
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The peers of one region shape for one parameter: their positions in the list of peers (client-id order)
+    and their coefficients stacked, (peers, chunks, k)."""
+
+    shape: tuple[int, ...]
+    ranks: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+
+
+def _groups(items: list[SparseCoefficients], name: str, pc: ParamChunking) -> list[_Group]:
+    """`items` grouped by region shape (a few tiers, however many peers), each group's index range checked."""
+    members: dict[tuple[int, ...], list[int]] = {}
+    for rank, item in enumerate(items):
+        members.setdefault((tuple(item.shape), item.indices.shape[1]), []).append(rank)
+    groups = []
+    for (shape, _), ranks in members.items():
+        indices = torch.stack([items[r].indices for r in ranks])
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= pc.chunk_numel):
+            raise PayloadError(f"a payload's index of {name} lies outside 0..{pc.chunk_numel - 1}")
+        groups.append(_Group(shape, torch.tensor(ranks), indices, torch.stack([items[r].values for r in ranks])))
+    return groups
 
 
 def iter_distro_tiles(payloads: Iterable[Payload], plan: ChunkPlan, *, average_over: str = "selected",
@@ -121,13 +149,19 @@ def iter_distro_tiles(payloads: Iterable[Payload], plan: ChunkPlan, *, average_o
         raise PayloadError(f"average_over {average_over!r} is not known; use one of {AVERAGE_OVER}")
     ordered = _canonical(payloads)
     targets = _target_shapes(plan, region)
-    items = {name: [_coefficients(p, name, plan.params[name]) for p in ordered] for name in targets}
+    items, groups = {}, {}
+    for name in targets:
+        checked: set[tuple[int, ...]] = set()
+        items[name] = [_coefficients(p, name, plan.params[name], checked) for p in ordered]
+        groups[name] = _groups(items[name], name, plan.params[name])
     for name, target in targets.items():
-        yield from _param_tiles(name, items[name], plan.params[name], target, plan, average_over, tile_bytes)
+        yield from _param_tiles(name, items[name], groups[name], plan.params[name], target, plan, average_over,
+                                tile_bytes)
 
 
-def _param_tiles(name: str, items: list[SparseCoefficients], pc: ParamChunking, target: tuple[int, ...],
-                 plan: ChunkPlan, average_over: str, tile_bytes: int) -> Iterator[UpdateTile]:
+def _param_tiles(name: str, items: list[SparseCoefficients], groups: list[_Group], pc: ParamChunking,
+                 target: tuple[int, ...], plan: ChunkPlan, average_over: str,
+                 tile_bytes: int) -> Iterator[UpdateTile]:
     grid = pc.grid(pc.universal_shape)
     per_row = grid[1] if len(grid) == 2 else 1  # chunks per chunk row
     terms = sum(item.indices.shape[1] for item in items)
@@ -139,13 +173,14 @@ def _param_tiles(name: str, items: list[SparseCoefficients], pc: ParamChunking, 
     # the dense path computes whole blocks of the universal grid (the last one may reach past the target)
     rows_end = rows_needed if sparse else min(-(-rows_needed // BLOCK_CHUNK_ROWS) * BLOCK_CHUNK_ROWS, grid[0])
     tile_rows = rows_per_tile(per_row * pc.chunk_numel, tile_bytes, BLOCK_CHUNK_ROWS)
+    terms = None if sparse else _dense_terms(groups, pc, average_over)
     for r0 in range(0, rows_end, tile_rows):
         r1 = min(r0 + tile_rows, rows_end)  # chunk rows [r0, r1) of the universal grid
         first, last = r0 * pc.chunk[0], min(r1 * pc.chunk[0], target[0])  # the target's rows in this tile
         if sparse:
             out = _sparse_tile(items, pc, r0, r1, target, plan, average_over)
         else:
-            out = _dense_tile(items, pc, r0, r1, target, plan, average_over, first, last)
+            out = _dense_tile(terms, pc, r0, r1, target, plan, average_over, first, last)
         yield UpdateTile(name, slice(first, last), out)
         del out  # the consumer holds the tile as long as it needs it
 
@@ -183,7 +218,43 @@ def _sparse_tile(items: list[SparseCoefficients], pc: ParamChunking, r0: int, r1
     return out[:min(shape[0], target[0] - r0 * pc.chunk[0])]
 
 
-def _dense_tile(items: list[SparseCoefficients], pc: ParamChunking, r0: int, r1: int, target: tuple[int, ...],
+@dataclass(frozen=True)
+class _DenseTerms:
+    """Every peer's coefficients of one parameter at their positions in the universal coefficient grid (chunk id
+    * chunk size + index), peer after peer in client-id order, with their values in float64; and, averaging over
+    the covering peers, how many peers cover each universal chunk."""
+
+    positions: torch.Tensor
+    values: torch.Tensor
+    chunk_counts: torch.Tensor | None
+
+
+def _dense_terms(groups: list[_Group], pc: ParamChunking, average_over: str) -> _DenseTerms:
+    grid = pc.grid(pc.universal_shape)
+    per_row = grid[1] if len(grid) == 2 else 1
+    positions, values, ranks = [], [], []
+    chunk_counts = torch.zeros(math.prod(grid), dtype=torch.float64) if average_over == "covering" else None
+    for g in groups:
+        tier_grid = pc.grid(g.shape)
+        tier_cols = tier_grid[1] if len(tier_grid) == 2 else 1
+        # the universal chunk id of each of this region's chunks, in the payload's chunk order
+        chunk_ids = (torch.arange(tier_grid[0])[:, None] * per_row + torch.arange(tier_cols)[None, :]).reshape(-1)
+        pos = (chunk_ids[None, :, None] * pc.chunk_numel + g.indices).reshape(len(g.ranks), -1)
+        positions.append(pos.reshape(-1))
+        values.append(g.values.reshape(-1).to(torch.float64))
+        ranks.append(g.ranks[:, None].expand(-1, pos.shape[1]).reshape(-1))
+        if chunk_counts is not None:
+            chunk_counts[chunk_ids] += float(len(g.ranks))
+    # peer after peer in client-id order (a stable sort keeps each peer's terms in its own order), so every
+    # coefficient's float64 sum is taken in the same order on every replica
+    order = torch.sort(torch.cat(ranks), stable=True).indices if len(groups) > 1 else None
+    pos, val = torch.cat(positions), torch.cat(values)
+    if order is not None:
+        pos, val = pos[order], val[order]
+    return _DenseTerms(pos, val, chunk_counts)
+
+
+def _dense_tile(terms: _DenseTerms, pc: ParamChunking, r0: int, r1: int, target: tuple[int, ...],
                 plan: ChunkPlan, average_over: str, first: int, last: int) -> torch.Tensor:
     """Chunk rows [r0, r1) (whole blocks): sums of every peer's coefficients in float64, the dense inverse DCT of
     fixed blocks of BLOCK_CHUNK_ROWS universal chunk rows, cut to the target's rows [first, last)."""
@@ -191,25 +262,15 @@ def _dense_tile(items: list[SparseCoefficients], pc: ParamChunking, r0: int, r1:
     per_row = grid[1] if len(grid) == 2 else 1
     cn = pc.chunk_numel
     n_tile = (r1 - r0) * per_row
+    lo = r0 * per_row * cn
+    inside = (terms.positions >= lo) & (terms.positions < lo + n_tile * cn)
+    positions = terms.positions[inside] - lo
     sums = torch.zeros(n_tile * cn, dtype=torch.float64)
-    counts = torch.zeros(n_tile * cn if average_over == "selected" else n_tile, dtype=torch.float64)
-    for item in items:  # in client-id order: every coefficient's sum has the same order on every replica
-        tier_grid = pc.grid(tuple(item.shape))
-        tier_cols = tier_grid[1] if len(tier_grid) == 2 else 1
-        lo, hi = r0, min(r1, tier_grid[0])  # the chunk rows of this tile the peer covers
-        if lo >= hi:
-            continue
-        rows = torch.arange(lo - r0, hi - r0)
-        chunk_ids = (rows[:, None] * per_row + torch.arange(tier_cols)[None, :]).reshape(-1)
-        indices = item.indices[lo * tier_cols:hi * tier_cols]
-        positions = (chunk_ids[:, None] * cn + indices).reshape(-1)
-        sums.index_add_(0, positions, item.values[lo * tier_cols:hi * tier_cols].reshape(-1).to(torch.float64))
-        if average_over == "selected":
-            counts.index_add_(0, positions, torch.ones(positions.numel(), dtype=torch.float64))
-        else:
-            counts[chunk_ids] += 1.0
-    if average_over == "covering":
-        counts = counts.repeat_interleave(cn)
+    sums.index_add_(0, positions, terms.values[inside])
+    if average_over == "selected":  # how many peers selected each coefficient (exact small integers)
+        counts = torch.bincount(positions, minlength=n_tile * cn).to(torch.float64)
+    else:
+        counts = terms.chunk_counts[r0 * per_row:r1 * per_row].repeat_interleave(cn)
     mean = (sums / counts.clamp(min=1.0)).reshape(n_tile, cn)
     del sums, counts
     out = torch.empty((last - first,) + tuple(target[1:]), dtype=torch.float32)

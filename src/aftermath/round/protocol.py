@@ -6,6 +6,7 @@ the dashboard and the tests. `RoundRecord` is the client's per-round metrics lin
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal
 
@@ -80,6 +81,30 @@ class CommitRequest(WithStats):
         if not math.isfinite(value):
             raise ValueError("loss must be finite")
         return value
+
+
+# A commit with its payload in one request (POST /commit): a little-endian uint32 length, the CommitRequest's
+# JSON, then the payload bytes, whose sha256 must be the request's `blob`.
+COMMIT_WITH_BLOB = "application/x-aftermath-commit"
+
+
+def pack_commit(request: CommitRequest, blob: bytes) -> bytes:
+    text = request.model_dump_json().encode()
+    return len(text).to_bytes(4, "little") + text + blob
+
+
+def unpack_commit(body: bytes, max_json: int) -> tuple[Any, bytes]:
+    """(the request's parsed JSON, the payload bytes) of a packed commit; ValueError naming what is wrong."""
+    if len(body) < 4:
+        raise ValueError(f"a {COMMIT_WITH_BLOB} body starts with a 4-byte length; this one has {len(body)} bytes")
+    size = int.from_bytes(body[:4], "little")
+    if size > max_json or 4 + size > len(body):
+        raise ValueError(f"the commit's JSON length {size} does not fit the body of {len(body)} bytes (at most "
+                         f"{max_json})")
+    try:
+        return json.loads(body[4:4 + size]), body[4 + size:]
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"the commit's JSON is not valid: {exc}") from exc
 
 
 class AppliedRequest(Message):
@@ -232,6 +257,8 @@ class ClientView(Message):
     round: ClientRoundView | None
     previous_round: ClientRoundView | None = Field(description=(
         "overlapped rounds: the round before `round`, whose accepted set the members apply while they train"))
+    catch_up: ClientRoundView | None = Field(None, description=(
+        "a round older than `previous_round` this client has not applied yet (it fell behind): apply it first"))
     finished: bool = Field(False, description="the summary is written")
 
 
