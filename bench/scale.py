@@ -7,16 +7,17 @@ Two measurements:
    its size grows with N). Wall time per round and snapshot bytes.
 2. A real coordinator service (`aftermath coordinator`, its own process, on 127.0.0.1) with N lightweight
    asyncio clients in this process (default N = 16, 64, 256, 1024). Each client does what a real client does,
-   minus training and applying: join (with an ed25519 public key), long-poll its GET /view, POST /ready, POST /commit (signed)
-   with its payload, download what its data plane needs (the round's update blob, or every
+   minus training and applying: join (with an ed25519 public key), long-poll its GET /view, POST /ready,
+   POST /commit (signed) with its payload, download what its data plane needs (the round's update blob, or every
    other accepted payload; a witness both) and POST /applied (and /witness).
    Payloads are real DisTrO payloads of one tier of --preset (coefficients computed once, then encoded per client
    and step), because the coordinator validates every payload at commit and applies every round to its universal
    replica (and, data plane "update", publishes the round's update). Measured per round: seconds
    (client-observed, round start to next round start, first round excluded), the coordinator process's CPU
-   seconds (psutil), its bytes out (its own counter, in its metrics), the largest download of a client (and of a
-   witness), and the client processes' CPU beside it (they share the machine's two cores, so the round time
-   includes their work).
+   seconds (psutil) and those of its event-loop thread alone (the control plane: every request; the rest is
+   its replica's apply and the large payloads' checks in worker threads), its bytes out (its own counter, in
+   its metrics), the largest download of a client (and of a witness), and the client processes' CPU beside it
+   (they share the machine's two cores, so the round time includes their work).
 Requests go to 127.0.0.1 only; every run is bounded by --timeout seconds.
 
 Run:   .venv/bin/python bench/scale.py --clients 16,64,256,1024 --repeats 2 --out bench/results/scale.json
@@ -135,11 +136,12 @@ class LightClient:
 
     def __init__(self, index: int, url: str, token: str, maker: PayloadMaker, schema: str,
                  round_seen: dict[int, float], faults: SimFaults | None = None,
-                 heartbeat_s: float = 0.0) -> None:
+                 heartbeat_s: float = 0.0, update_from_bucket: bool = False) -> None:
         self.name = f"sim-{index}"
         self.faults = faults
         self.rng = random.Random(index)
         self.heartbeat_s = heartbeat_s  # 0: no heartbeats (silent clients are never dropped in the plain bench)
+        self.update_from_bucket = update_from_bucket
         self.url, self.token, self.maker, self.schema = url, token, maker, schema
         self.round_seen = round_seen
         self.session_token = ""
@@ -175,7 +177,10 @@ class LightClient:
         if result["plane"] == "update":
             if result["update"] is None:
                 return False
-            blobs.append(result["update"]["blob"])
+            if self.update_from_bucket and not result["witness"]:  # a bucket serves it: only its size is counted
+                self.bytes_down[step] = self.bytes_down.get(step, 0) + result["update"]["bytes"]
+            else:
+                blobs.append(result["update"]["blob"])
         if result["plane"] == "payloads" or result["witness"]:
             detail = await self.call(http, "GET", f"/rounds/{step}")
             blobs += [c["blob"] for c in detail["accepted"] if c["blob"] not in self.own]
@@ -275,7 +280,8 @@ def sim_faults(n: int, rounds: int, seed: int = 0) -> list[SimFaults]:
 
 async def drive_clients(url: str, token: str, n: int, maker: PayloadMaker, coordinator_pid: int,
                         timeout: float, faults: list[SimFaults] | None = None, real_tiers: tuple[int, ...] = (),
-                        work_dir: Path | None = None, heartbeat_s: float = 0.0) -> dict[str, Any]:
+                        work_dir: Path | None = None, heartbeat_s: float = 0.0,
+                        update_from_bucket: bool = False) -> dict[str, Any]:
     """N simulated clients (with `faults`, one each) and, beside them, real training clients of `real_tiers`."""
     import aiohttp
     import psutil
@@ -287,15 +293,18 @@ async def drive_clients(url: str, token: str, n: int, maker: PayloadMaker, coord
                                      timeout=aiohttp.ClientTimeout(total=60)) as http:
         info = await (await http.get(url + "/run")).json()
         clients = [LightClient(i, url, token, maker, info["schema_hash"], round_seen,
-                               faults[i] if faults else None, heartbeat_s) for i in range(n)]
-        cpu_marks: dict[int, tuple[float, float]] = {}
+                               faults[i] if faults else None, heartbeat_s, update_from_bucket) for i in range(n)]
+        cpu_marks: dict[int, tuple[float, float, float]] = {}
 
-        async def mark() -> None:  # CPU of the coordinator and of this process at each round start
+        async def mark() -> None:  # CPU of the coordinator (all; its event loop) and of this process, per round
             while True:
                 for step in list(round_seen):
                     if step not in cpu_marks:
                         c, m = coord.cpu_times(), me.cpu_times()
-                        cpu_marks[step] = (c.user + c.system, m.user + m.system)
+                        # Linux: the main thread's id is the process id; it runs the event loop (the control plane)
+                        loop_cpu = next((t.user_time + t.system_time for t in coord.threads() if t.id == coord.pid),
+                                        0.0)
+                        cpu_marks[step] = (c.user + c.system, m.user + m.system, loop_cpu)
                 await asyncio.sleep(0.005)
 
         marker = asyncio.create_task(mark())
@@ -311,6 +320,7 @@ async def drive_clients(url: str, token: str, n: int, maker: PayloadMaker, coord
     round_s = [round_seen[s + 1] - round_seen[s] for s in measured]
     coord_cpu = [cpu_marks[s + 1][0] - cpu_marks[s][0] for s in measured]
     client_cpu = [cpu_marks[s + 1][1] - cpu_marks[s][1] for s in measured]
+    loop_cpu = [cpu_marks[s + 1][2] - cpu_marks[s][2] for s in measured]
     downloads = [max(c.bytes_down.get(s, 0) for c in clients if s not in c.witnessed) for s in measured]
     witness_downloads = [max((c.bytes_down.get(s, 0) for c in clients if s in c.witnessed), default=0)
                          for s in measured]
@@ -318,6 +328,7 @@ async def drive_clients(url: str, token: str, n: int, maker: PayloadMaker, coord
             "rounds_seen": len(steps), "rounds_measured": len(measured),
             "round_s": statistics.median(round_s) if round_s else None,
             "coordinator_cpu_s_per_round": statistics.median(coord_cpu) if coord_cpu else None,
+            "control_plane_cpu_s_per_round": statistics.median(loop_cpu) if loop_cpu else None,
             "clients_cpu_s_per_round": statistics.median(client_cpu) if client_cpu else None,
             "requests": sum(c.requests for c in clients),
             "max_client_bytes_down_per_round": statistics.median(downloads) if downloads else None,
@@ -356,7 +367,7 @@ def coordinator_traffic(metrics: Path, steps: list[int]) -> dict[str, Any]:
 
 
 def bench_service(n: int, rounds: int, timeout: float, tier: int, preset: str, data_plane: str,
-                  faults: bool = False) -> dict[str, Any]:
+                  faults: bool = False, update_from_bucket: bool = False) -> dict[str, Any]:
     """One run of the real coordinator with N simulated clients; with `faults`, the reliability scenario: faults
     on every simulated client (sim_faults) and two real training clients (tiers 0 and 1) on a lossy network,
     several epochs, the summary's replica check included."""
@@ -413,7 +424,8 @@ def bench_service(n: int, rounds: int, timeout: float, tier: int, preset: str, d
                 proc.wait(timeout=60)  # the run's end: its summary is written
                 result["summary"] = json.loads((run_dir / "run" / "summary.json").read_text())
             else:
-                result = asyncio.run(drive_clients(url, token, n, maker, proc.pid, timeout))
+                result = asyncio.run(drive_clients(url, token, n, maker, proc.pid, timeout,
+                                                   update_from_bucket=update_from_bucket))
             result.update(coordinator_traffic(run_dir / "run" / "metrics" / "coordinator.jsonl",
                                               result.pop("measured_steps")), preset=preset, data_plane=data_plane)
         finally:
@@ -429,7 +441,8 @@ def bench_service(n: int, rounds: int, timeout: float, tier: int, preset: str, d
 
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row per N over repeated runs: the medians, and each measure's min and median over the runs."""
-    keys = ("round_s", "coordinator_cpu_s_per_round", "clients_cpu_s_per_round", "coordinator_bytes_out_per_round",
+    keys = ("round_s", "coordinator_cpu_s_per_round", "control_plane_cpu_s_per_round", "clients_cpu_s_per_round",
+            "coordinator_bytes_out_per_round",
             "max_client_bytes_down_per_round", "witness_bytes_down_per_round")
     row = {"clients": runs[0]["clients"], "runs": runs, "finished": all(r["finished"] for r in runs),
            "errors": [e for r in runs for e in r["errors"]], "rounds_seen": min(r["rounds_seen"] for r in runs),
@@ -471,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(default small)")
     ap.add_argument("--data-plane", default="auto", choices=("auto", "payloads", "update"),
                     help="network.data_plane of the run (default auto)")
+    ap.add_argument("--update-from-bucket", action="store_true", help=(
+        "the clients (witnesses apart) do not download a round's update blob from the coordinator, as when an "
+        "S3-compatible bucket serves it ([storage] backend s3); its bytes still count as theirs"))
     ap.add_argument("--faults", action="store_true", help=(
         "the reliability scenario: every simulated client on a slow, lossy network (10-40 ms, 5%% of requests "
         "lost), 1 in 16 dying mid-run and 1 in 16 joining late, beside 2 real training clients (tiers 0 and 1) "
@@ -501,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for _ in range(args.repeats):
             runs.append(bench_service(n, rounds, args.timeout, args.tier, args.preset, args.data_plane,
-                                      args.faults))
+                                      args.faults, args.update_from_bucket))
             console.log(f"service, {n} clients: {runs[-1]}")
         service_rows.append(summarise_runs(runs))
 
@@ -509,11 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     m_rows = [[r["clients"], f"{r['round_ms']:.2f}", f"{r['snapshot_ms']:.2f}", f"{r['snapshot_bytes'] / 1e3:.1f}"]
               for r in machine_rows]
     s_cols = ["clients", "plane", "s per round (min / median)", "coordinator CPU s per round (min / median)",
-              "coordinator CPU ms per client", "coordinator MB out per round", "max client MB down per round",
+              "of it, event loop (control plane)", "coordinator CPU ms per client", "coordinator MB out per round",
+              "max client MB down per round",
               "witness MB down per round",
               "client processes CPU s per round", "finished"]
     s_rows = [[r["clients"], "+".join(r["planes"]), _pair(r, "round_s", 1, "{:.2f}"),
                _pair(r, "coordinator_cpu_s_per_round", 1, "{:.2f}"),
+               _pair(r, "control_plane_cpu_s_per_round", 1, "{:.2f}"),
                None if r["coordinator_cpu_s_per_round"] is None
                else f"{1e3 * r['coordinator_cpu_s_per_round'] / r['clients']:.2f}",
                _pair(r, "coordinator_bytes_out_per_round", 1e-6, "{:.2f}", both=False),
@@ -532,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     path = _common.write_json(args.out, {
         "benchmark": "scale", "quick": args.quick, "complete": True, "rounds": rounds, "tier": args.tier,
         "preset": args.preset, "data_plane": args.data_plane, "repeats": args.repeats,
+        "update_from_bucket": args.update_from_bucket,
         "load_average": os.getloadavg(),
         "state_machine": machine_rows, "service": service_rows, "wall_seconds": round(time.perf_counter() - t0, 1),
         "markdown": {"state_machine": _common.markdown_table(m_cols, m_rows),

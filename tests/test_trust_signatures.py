@@ -14,7 +14,6 @@ import torch
 from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.schema import schema_hash
 from aftermath.round.replica import Replica
-from aftermath.coordinator.service import CoordinatorService
 from aftermath.crypto import SignatureError, Signer, commitment_message, verify, verify_commitment
 from aftermath.model import preset_config, tier_spec
 from coordinator_helpers import serve_coordinator, small_run_config, wait_phase

@@ -8,8 +8,9 @@
 The client follows its own view of the run (GET /view: the same size whatever the number of clients). A round
 reaches it by one of two data planes (aftermath.coordinator.distribution), with the same bits either way: the
 accepted payloads (GET /rounds/{step} names them; it verifies every signature, decodes, aggregates and applies),
-or the round's update blob the coordinator computed once (it applies that alone). A witness of a round fetches
-both and attests whether the update is the payloads' own (POST /witness), then applies its own computation.
+or the round's update blob the coordinator computed once (it applies that alone). A witness of a round applies
+the update too, then, in the background, fetches the payloads and attests whether the update is their own
+(POST /witness).
 
 With overlapped rounds (`schedule.overlap`, the default) step t+1 opens as soon as step t's accepted set is
 fixed: the client trains t+1 while t's results download in the background, then commits t+1, and only then
@@ -60,8 +61,8 @@ from aftermath.model.geometry import max_tier
 from aftermath.model.geometry import region_slices
 from aftermath.optim.update import RoundUpdate
 from aftermath.round.protocol import (AppliedRequest, CheckpointAnswer, ClientRoundView, ClientView, CommitRequest,
-                                      HashAnswer, HashRequest, HeartbeatRequest, JoinAnswer, JoinRequest,
-                                      OkAnswer, ReadyRequest, RoundDetail, RoundRecord, RunInfo, UpdateView, WitnessRequest)
+                                      HashAnswer, HashRequest, HeartbeatRequest, JoinAnswer, JoinRequest, OkAnswer,
+                                      ReadyRequest, RoundDetail, RoundRecord, RunInfo, UpdateView, WitnessRequest)
 from aftermath.round.replica import Replica
 from aftermath.runconfig import RunConfig, parse_run_config
 
@@ -161,6 +162,7 @@ class TrainingClient:
         self.pending_timing: dict[int, dict[str, Any]] = {}  # step -> timings of its training, until applied
         self.prefetched: dict[str, Any] = {}  # blob sha -> decoded payload of a round not applied yet
         self.details: dict[int, RoundDetail] = {}  # step -> its accepted set (payloads plane, witnesses)
+        self.witnessing: set[asyncio.Task] = set()  # witness checks running in the background
         self.updates: dict[int, RoundUpdate] = {}  # step -> its decoded update blob (update plane)
         self.own_blobs: dict[str, tuple[int, bytes]] = {}  # sha -> (step, payload) of its own, until applied
         self.overhead = 0.0  # the last round's seconds outside training on the critical path (sent at commit)
@@ -180,7 +182,10 @@ class TrainingClient:
             await self._join()
             beat = asyncio.create_task(self._heartbeats())
             try:
-                return await self._loop()
+                result = await self._loop()
+                if self.witnessing:  # the last rounds' verdicts, before the session closes
+                    await asyncio.wait(self.witnessing, timeout=30)
+                return result
             finally:
                 beat.cancel()
                 self.metrics.close()
@@ -521,8 +526,9 @@ class TrainingClient:
         spec = tier_spec(self.config, tier) if tier is not None else None
         return self.replica.decode(data, step, client_id, spec)
 
-    async def _fetch(self, sha: str) -> bytes:
-        return self.own_blobs[sha][1] if sha in self.own_blobs else await self.transport.get_blob(sha)
+    async def _fetch(self, sha: str, url: str | None = None) -> bytes:
+        """A blob: its own from memory, else from `url` (object storage) or the coordinator."""
+        return self.own_blobs[sha][1] if sha in self.own_blobs else await self.transport.get_blob(sha, url)
 
     async def _detail(self, step: int) -> RoundDetail:
         """Step `step`'s whole accepted set (fetched once)."""
@@ -535,26 +541,23 @@ class TrainingClient:
     async def _update(self, step: int, update: UpdateView) -> RoundUpdate:
         """Step `step`'s update blob, sha256-checked and decoded (fetched once)."""
         if step not in self.updates:
-            data = await self.transport.get_blob(update.blob)
+            data = await self.transport.get_blob(update.blob, update.url)
             decoded = await asyncio.get_running_loop().run_in_executor(None, self.replica.decode_update, data, step)
             self.updates = {s: u for s, u in self.updates.items() if s > step - 2}
             self.updates[step] = decoded
         return self.updates[step]
-
-    def _uses_payloads(self, result: Any) -> bool:
-        return result.plane == "payloads" or result.witness
 
     async def _prefetch(self, rnd: ClientRoundView) -> None:
         """While this client trains the next step, fetch and decode what applying `rnd` needs."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         result = rnd.result
-        if self._uses_payloads(result):
+        if result.plane == "payloads":
             detail = await self._detail(rnd.step)
             for c in detail.accepted:
                 if c.blob in self.prefetched:
                     continue
-                data = await self._fetch(c.blob)
+                data = await self._fetch(c.blob, detail.urls.get(c.blob))
                 self.prefetched[c.blob] = await loop.run_in_executor(None, self._decode, data, rnd.step,
                                                                      c.client_id, c.tier)
         if result.plane == "update" and result.update is not None:
@@ -563,7 +566,8 @@ class TrainingClient:
 
     async def _apply(self, rnd: ClientRoundView) -> None:
         """Apply `rnd`'s accepted set, from its payloads or its update blob, and say so. While the update of an
-        'update' round is still being computed, nothing happens: its publication changes the view."""
+        'update' round is still being computed, nothing happens: its publication changes the view. A witness
+        checks the update against the payloads after the fact, in the background (`_witness`)."""
         result = rnd.result
         step = rnd.step
         if result.plane == "update" and result.update is None:
@@ -571,21 +575,21 @@ class TrainingClient:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         prefetched = 0
-        if self._uses_payloads(result):
+        payloads_plane = result.plane == "payloads"
+        if payloads_plane:
             detail = await self._detail(step)
             self._verify_accepted(detail)
             accepted = detail.accepted
             missing = [c for c in accepted if c.blob not in self.prefetched]
             prefetched = len(accepted) - len(missing)
-            blobs = await asyncio.gather(*(self._fetch(c.blob) for c in missing))
-            update = await self._update(step, result.update) if result.witness else None
+            blobs = await asyncio.gather(*(self._fetch(c.blob, detail.urls.get(c.blob)) for c in missing))
         else:
             prefetched = int(step in self.updates)
             update = await self._update(step, result.update)
         t_download = time.perf_counter() - t0
         self._passed(step, "download")
         t1 = time.perf_counter()
-        if self._uses_payloads(result):
+        if payloads_plane:
             ready = {c.blob: self.prefetched.pop(c.blob) for c in accepted if c.blob in self.prefetched}
 
             def decode() -> list:
@@ -601,17 +605,12 @@ class TrainingClient:
         self.prefetched = {sha: p for sha, p in self.prefetched.items() if p.step > step}
         t_decode = time.perf_counter() - t1
         t2 = time.perf_counter()
-        if not self._uses_payloads(result):
+        if not payloads_plane:
             await loop.run_in_executor(None, self.replica.apply_update, update, step)
-        elif result.witness:
-            mine = await loop.run_in_executor(None, self.replica.round_update, payloads, step, detail.accepted_digest)
-            agrees = update.accepted == detail.accepted_digest and _same_region(mine, update)
-            await loop.run_in_executor(None, self.replica.apply_update, mine, step)  # its own, agreeing or not
-            await self.transport.call_model("POST", "/witness", WitnessRequest(
-                step=step, update=result.update.blob, agrees=agrees), OkAnswer)
-            if not agrees:
-                log.warning("the coordinator's update of step %d differs from the accepted payloads' own: applied "
-                            "ours and told the coordinator", step)
+            if result.witness:
+                task = asyncio.create_task(self._witness(step, result.update.blob, update))
+                self.witnessing.add(task)
+                task.add_done_callback(self.witnessing.discard)
         else:
             # Aggregate and apply together: DisTrO streams band by band and never holds the whole update.
             await loop.run_in_executor(None, self.replica.apply, payloads, step)
@@ -640,10 +639,38 @@ class TrainingClient:
             t_train=train, t_encode=timing.get("t_encode"), t_upload=timing.get("t_upload"),
             t_prefetch=round(t_prefetch, 4), prefetched=prefetched, t_download=round(t_download, 4),
             t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4),
-            data_plane="payloads" if self._uses_payloads(result) else "update",
+            data_plane=result.plane,
             witness=result.witness, faults=self._faults())
         self._record(**record.model_dump(exclude={"time", "client_id", "tier", "spec"}))
         await self.transport.call("POST", "/applied", AppliedRequest(step=step).model_dump())
+
+    async def _witness(self, step: int, blob: str, update: RoundUpdate) -> None:
+        """Recompute step `step`'s update from its accepted payloads (signatures verified) on this client's region,
+        and tell the coordinator whether the published one has the same bits. After the fact, off the round's
+        critical path: a wrong update is reported (and counted in the summary), not prevented."""
+        loop = asyncio.get_running_loop()
+        replica = self.replica  # the check reads only its geometry; a reload meanwhile does not matter
+        try:
+            detail = await self._detail(step)
+            self._verify_accepted(detail)
+            blobs = await asyncio.gather(*(self._fetch(c.blob, detail.urls.get(c.blob)) for c in detail.accepted))
+
+            def recompute() -> bool:
+                payloads = [replica.decode(data, step, c.client_id, None if c.tier is None else
+                                           tier_spec(self.config, c.tier)) for c, data in zip(detail.accepted, blobs)]
+                mine = replica.round_update(payloads, step, detail.accepted_digest)
+                return update.accepted == detail.accepted_digest and _same_region(mine, update)
+
+            agrees = await loop.run_in_executor(None, recompute)
+            await self.transport.call_model("POST", "/witness", WitnessRequest(step=step, update=blob, agrees=agrees),
+                                            OkAnswer)
+        except AftermathError as exc:  # the round goes on; a missing verdict is visible in the summary's count
+            log.warning("could not witness step %d: %s", step, exc)
+            return
+        self._record(event="witnessed", step=step, agrees=agrees)
+        if not agrees:
+            log.warning("the coordinator's update of step %d differs from what its accepted payloads give: told the "
+                        "coordinator", step)
 
     def _verify_accepted(self, detail: RoundDetail) -> None:
         """Every result of the accepted set must be signed by its client for the range it was assigned."""

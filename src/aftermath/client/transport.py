@@ -71,7 +71,8 @@ class Transport:
         With fault injection, every attempt is delayed, maybe dropped (handled as a lost connection: retried)
         and held to the bandwidth limits: its body to the upload rate, its answer to the download rate."""
         headers = {"Content-Type": content_type} if body is not None else {}
-        if auth and self.auth:
+        absolute = path.startswith(("http://", "https://"))  # elsewhere than the coordinator: no session
+        if auth and self.auth and not absolute:
             headers["Authorization"] = f"Bearer {self.auth}"
         delay = self.backoff
         last: Exception | None = None
@@ -80,8 +81,9 @@ class Transport:
                 self.stats.requests += 1
                 if self.faults is not None:  # latency, maybe a drop, then the body through the upload pipe
                     await self.faults.before_request(_kind(method, path), len(body or b""))
-                async with self.session.request(method, self.base_url + path, data=body, headers=headers,
-                                                params=params, timeout=timeout or self.timeout) as resp:
+                async with self.session.request(method, path if absolute else self.base_url + path, data=body,
+                                                headers=headers, params=params,
+                                                timeout=timeout or self.timeout) as resp:
                     data = await resp.read()
                     status, retry_header = resp.status, resp.headers.get("Retry-After")
                 self.stats.bytes_up += len(body or b"")
@@ -101,7 +103,8 @@ class Transport:
                 self.stats.retries += 1
                 await asyncio.sleep(max(delay, retry_after))
                 delay = min(delay * 2, 5.0)
-        raise Unreachable(f"{method} {self.base_url}{path} failed after {self.retries + 1} attempts: {last}")
+        where = path.split("?")[0] if absolute else self.base_url + path  # never a presigned URL's signature
+        raise Unreachable(f"{method} {where} failed after {self.retries + 1} attempts: {last}")
 
     async def gate(self, kind: str) -> None:
         """Fault injection for a request that does not go through `_send` (token batches from the data server):
@@ -173,8 +176,9 @@ class Transport:
                 return body
         raise CoordinatorError(502, f"{path}: the bytes received do not hash to {sha256}")
 
-    async def get_blob(self, sha256: str) -> bytes:
-        return await self.get_bytes(f"/blobs/{sha256}", sha256)
+    async def get_blob(self, sha256: str, url: str | None = None) -> bytes:
+        """A blob from the coordinator, or from `url` (object storage); sha256-checked either way."""
+        return await self.get_bytes(url or f"/blobs/{sha256}", sha256)
 
 
 def _kind(method: str, path: str) -> str:

@@ -71,11 +71,12 @@ def balanced_weights(total: int, rates: list[float], overheads: list[float]) -> 
     active = list(range(len(rs)))
     while True:
         t = (total + sum(rs[i] * os_[i] for i in active)) / sum(rs[i] for i in active)
-        slow = [i for i in active if os_[i] >= t]
+        slow = {i for i in active if os_[i] >= t}
         if not slow or len(slow) == len(active):
             break
         active = [i for i in active if i not in slow]
-    return [rs[i] * (t - os_[i]) if i in active and t > os_[i] else 1e-9 for i in range(len(rs))]
+    kept = set(active)  # sets: the split stays linear in the number of clients
+    return [rs[i] * (t - os_[i]) if i in kept and t > os_[i] else 1e-9 for i in range(len(rs))]
 
 
 def assign_batches(first: int, global_batch_size: int, throughputs: dict[str, float],

@@ -28,6 +28,16 @@ class StorageFull(PayloadError):
     """The blob store holds its cap of bytes; old rounds must be collected first."""
 
 
+def check_blob(sha256: str, data: bytes, max_bytes: int) -> None:
+    """A client's blob must fit `max_bytes` and hash to its id (BlobTooLarge, PayloadError)."""
+    if len(data) > max_bytes:
+        raise BlobTooLarge(f"blob of {len(data)} bytes exceeds the cap of {max_bytes} bytes "
+                           f"(network.max_blob_bytes)")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise PayloadError(f"blob bytes hash to {actual}, not to the id {sha256} they were sent under")
+
+
 class BlobStore:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes  # the largest blob a client may put
@@ -45,12 +55,7 @@ class BlobStore:
         """Store `data` under `sha256`; False when it was already there. Raises when the hash does not match, and
         StorageFull when the store would exceed `storage_cap` bytes."""
         self._check_id(sha256)
-        if len(data) > self.max_bytes:
-            raise BlobTooLarge(f"blob of {len(data)} bytes exceeds the cap of {self.max_bytes} bytes "
-                               f"(network.max_blob_bytes)")
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:
-            raise PayloadError(f"blob bytes hash to {actual}, not to the id {sha256} they were sent under")
+        check_blob(sha256, data, self.max_bytes)
         if sha256 in self._blobs:
             return False
         if storage_cap is not None and self.total_bytes + len(data) > storage_cap:

@@ -17,8 +17,6 @@ Every network failure surfaces as an `ObjectStoreError`, one line naming the end
 
 from __future__ import annotations
 
-import hashlib
-import re
 import threading
 from typing import Any
 from urllib.parse import quote
@@ -27,7 +25,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
-from aftermath.coordinator.blobs import BlobTooLarge, StorageFull, is_sha256
+from aftermath.coordinator.blobs import StorageFull, check_blob, is_sha256
 from aftermath.errors import AftermathError, PayloadError
 from aftermath.runconfig import StorageSection
 
@@ -115,12 +113,7 @@ class S3BlobStore:
         """Store `data` under `sha256`; False when it was already there (nothing uploaded). Raises when the hash
         does not match, BlobTooLarge over max_bytes, and StorageFull when the store would exceed `storage_cap`."""
         key = self.key(sha256)
-        if len(data) > self.max_bytes:
-            raise BlobTooLarge(f"blob of {len(data)} bytes exceeds the cap of {self.max_bytes} bytes "
-                               f"(network.max_blob_bytes)")
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:
-            raise PayloadError(f"blob bytes hash to {actual}, not to the id {sha256} they were sent under")
+        check_blob(sha256, data, self.max_bytes)
         if self._head(key) is not None:
             return False
         with self._lock:  # reserve the bytes before the upload, so two concurrent puts cannot both pass the cap

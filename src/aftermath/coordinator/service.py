@@ -75,9 +75,10 @@ from aftermath.model.geometry import max_tier
 from aftermath.optim import Payload
 from aftermath.optim.update import accepted_digest, expected_update_bytes
 from aftermath.round.protocol import (COMMIT_WITH_BLOB, AcceptedResult, AppliedRequest, CheckpointAnswer,
-                                      ClientView, CommitRequest, HashAnswer, HashRequest, HealthAnswer, HeartbeatAnswer, HeartbeatRequest,
-                                      JoinAnswer, JoinRequest, OkAnswer, ReadyRequest, RoundDetail, RunInfo,
-                                      RunSummary, StateSnapshot, UpdateView, WitnessRequest, unpack_commit)
+                                      ClientView, CommitRequest, HashAnswer, HashRequest, HealthAnswer,
+                                      HeartbeatAnswer, HeartbeatRequest, JoinAnswer, JoinRequest, OkAnswer,
+                                      ReadyRequest, RoundDetail, RunInfo, RunSummary, StateSnapshot, UpdateView,
+                                      WitnessRequest, unpack_commit)
 from aftermath.round.replica import build_codec
 from aftermath.runconfig import RunConfig
 
@@ -89,6 +90,7 @@ MAX_PATH_CHARS = 1024  # a checkpoint file path; each part is also held to the f
 STATE_MAX_AGE = 0.5  # seconds a serialised state is served for unchanged (its clock fields age that much at most)
 TICK_SECONDS = 0.02  # the state machine's clock tick; long-pollers are woken at most once per tick
 KEEP_DISTRIBUTIONS = 4  # rounds whose distribution (plane, witnesses, update) is kept
+INLINE_DECODE_BYTES = 64 * 1024  # payloads up to this size are validated on the event loop (see commit)
 
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -327,7 +329,9 @@ class CoordinatorService:
                 public_keys={cid: members[cid].info.public_key for cid in ids},
                 update=None if dist is None else dist.update,
                 accepted_digest=accepted_digest((c.client_id, c.blob) for c in rnd.accepted),
-                witnesses=[] if dist is None else dist.witnesses)
+                witnesses=[] if dist is None else dist.witnesses,
+                # the payloads already in the bucket are fetched there, not through the coordinator
+                urls={c.blob: self.mirror.download_url(c.blob) for c in rnd.accepted if c.blob in self.mirrored})
             self._detail_cache = {k: v for k, v in self._detail_cache.items() if k[0] >= step - KEEP_DISTRIBUTIONS}
             self._detail_cache[key] = detail.model_dump_json().encode()
         return self._detail_cache[key]
@@ -511,10 +515,13 @@ class CoordinatorService:
         self.decoded = {sha: p for sha, p in self.decoded.items() if p.step > step}  # late, rejected commits
         update = None
         if blob is not None:  # the round's update, for every client to download instead of the payloads
-            update = UpdateView(blob=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
-            self.blobs.put_own(update.blob, blob)
-            self.ledger.uploaded(update.blob, step)
-            self._mirror(update.blob, blob)
+            sha = hashlib.sha256(blob).hexdigest()
+            self.blobs.put_own(sha, blob)
+            self.ledger.uploaded(sha, step)
+            url = None
+            if self.mirror is not None and await self._mirror_now(sha, blob):  # published once in the bucket
+                url = self.mirror.download_url(sha)
+            update = UpdateView(blob=sha, bytes=len(blob), url=url)
             dist.update = update
             self.updates_published += 1
             self._view_bumps += 1  # the clients waiting for it are woken at the next tick
@@ -580,16 +587,19 @@ class CoordinatorService:
         if self.mirror is None:
             return
 
-        async def upload() -> None:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self.mirror.put, sha, data)
-                self.mirrored.add(sha)
-            except AftermathError as exc:  # the coordinator goes on serving it itself
-                log.warning("blob %s is served by the coordinator: the object store refused it (%s)", sha[:12], exc)
-
-        task = asyncio.create_task(upload())
+        task = asyncio.create_task(self._mirror_now(sha, data))
         self._mirroring.add(task)
         task.add_done_callback(self._mirroring.discard)
+
+    async def _mirror_now(self, sha: str, data: bytes) -> bool:
+        """Upload a blob to the bucket and wait for it; False (and it is served here) when the store refused."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.mirror.put, sha, data)
+        except AftermathError as exc:
+            log.warning("blob %s is served by the coordinator: the object store refused it (%s)", sha[:12], exc)
+            return False
+        self.mirrored.add(sha)
+        return True
 
     def _unmirror(self, collected: list[str]) -> None:
         gone = [sha for sha in collected if sha in self.mirrored]
@@ -849,7 +859,10 @@ class CoordinatorService:
                         overhead_seconds=req.overhead_seconds, payload_bytes=len(data))
         try:
             self._verify_signature(cid, req)
-            payload = await loop.run_in_executor(None, self._decode, data, req.step, cid)
+            if len(data) <= INLINE_DECODE_BYTES:  # ~0.1 ms: cheaper here than a hop to a thread and back
+                payload = self._decode(data, req.step, cid)
+            else:
+                payload = await loop.run_in_executor(None, self._decode, data, req.step, cid)
             commit.signature = req.signature or ""
             self.machine.commit(commit, self.clock())
         except AftermathError as exc:  # recorded for the dashboard's events, then answered 4xx as before

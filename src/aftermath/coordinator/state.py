@@ -246,7 +246,9 @@ class RunStateMachine:
         member = Member(id=client_id, info=info, joined_at=now, last_seen=now, status=status,
                         throughput=info.throughput if info.throughput > 0 else 1.0)
         self.members[client_id] = member
-        if status == "member" and self.quorum_since is None and len(self.active()) >= self._quorum():
+        # (every client ever seen bounds the members: below the quorum, no need to count them)
+        if status == "member" and self.quorum_since is None and len(self.members) >= self._quorum() \
+                and len(self.active()) >= self._quorum():
             self.quorum_since = now  # the extra waiting time counts from the moment the quorum was reached
         self._emit("joined", client_id=client_id, status=status, tier=info.tier, spec=info.spec)
         return member

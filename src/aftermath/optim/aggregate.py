@@ -94,20 +94,21 @@ class UpdateTile:
     update: torch.Tensor
 
 
-def _coefficients(p: Payload, name: str, pc: ParamChunking, checked: set[tuple[int, ...]]) -> SparseCoefficients:
-    """`p`'s coefficients for `name`, their shapes checked (`checked`: the region shapes already found valid);
-    `_groups` checks the index ranges, so that aggregating them cannot fail half-way."""
+def _coefficients(p: Payload, name: str, pc: ParamChunking,
+                  checked: dict[tuple[int, ...], int]) -> SparseCoefficients:
+    """`p`'s coefficients for `name`, their shapes checked (`checked`: the region shapes already found valid, with
+    their chunk counts); `_groups` checks the index ranges, so that aggregating them cannot fail half-way."""
     item = p.params.get(name)
     if not isinstance(item, SparseCoefficients):
         raise PayloadError(f"payload of {p.client_id!r} holds no DisTrO coefficients for {name}")
     shape = tuple(item.shape)
-    if shape not in checked:
+    n = checked.get(shape)
+    if n is None:
         try:
             pc.check_region(shape, f"payload of {p.client_id!r}")
         except ConfigError as exc:
             raise PayloadError(str(exc)) from exc
-        checked.add(shape)
-    n = pc.n_chunks(shape)
+        n = checked[shape] = pc.n_chunks(shape)
     if item.indices.dim() != 2 or item.indices.shape[0] != n or item.values.shape != item.indices.shape:
         raise PayloadError(f"payload of {p.client_id!r}: {name} has indices {tuple(item.indices.shape)} and values "
                            f"{tuple(item.values.shape)}; its region {shape} needs ({n}, k) of both")
@@ -151,7 +152,7 @@ def iter_distro_tiles(payloads: Iterable[Payload], plan: ChunkPlan, *, average_o
     targets = _target_shapes(plan, region)
     items, groups = {}, {}
     for name in targets:
-        checked: set[tuple[int, ...]] = set()
+        checked: dict[tuple[int, ...], int] = {}
         items[name] = [_coefficients(p, name, plan.params[name], checked) for p in ordered]
         groups[name] = _groups(items[name], name, plan.params[name])
     for name, target in targets.items():

@@ -212,6 +212,7 @@ class StateSnapshot(Message):
 class UpdateView(Message):
     blob: str = Field(description="sha256 of the round's update blob (aftermath.optim.update)")
     bytes: int
+    url: str | None = Field(None, description="where to download it without the coordinator (object storage)")
 
 
 class ResultView(Message):
@@ -274,6 +275,8 @@ class RoundDetail(Message):
     update: UpdateView | None
     accepted_digest: str = Field(description="sha256 of the accepted set (aftermath.optim.update.accepted_digest)")
     witnesses: list[str]
+    urls: dict[str, str] = Field(default_factory=dict, description=(
+        "blob sha256 -> where to download it without the coordinator (object storage); the others: GET /blobs"))
 
 
 # ------------------------------------------------------------------------------------------ answers
