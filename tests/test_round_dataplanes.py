@@ -75,15 +75,30 @@ def test_every_client_applies_the_published_update_and_stays_identical(tmp_path)
     assert all(r["accepted"] == 3 for r in plain)
 
 
-def test_with_object_storage_the_clients_download_from_the_bucket(tmp_path, monkeypatch):
+def s3_run(tmp_path, monkeypatch, plane: str):
     with S3Server() as s3:
         bucket = s3.create_bucket()
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)  # the coordinator's credentials, never the config's
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         run = run_config(**{"storage.backend": "s3", "storage.endpoint_url": s3.endpoint_url,
-                            "storage.bucket": bucket, "storage.prefix": "run/"})
+                            "storage.bucket": bucket, "storage.prefix": "run/", "network.data_plane": plane})
         service, summary, results = run_clients(tmp_path, run)
         stored = s3.client().list_objects_v2(Bucket=bucket, Prefix="run/blobs/").get("KeyCount", 0)
+    return service, summary, results, stored
+
+
+def test_with_object_storage_the_clients_fetch_the_payloads_from_the_bucket(tmp_path, monkeypatch):
+    service, summary, results, stored = s3_run(tmp_path, monkeypatch, "payloads")
+    assert summary.steps == 4 and summary.replicas_consistent and summary.divergences == []
+    assert summary.updates_published == 0 and stored > 0
+    # every round applied from the payloads, fetched by the URLs of GET /rounds/{step}: nothing failed
+    records = [r for n in "abc" for r in rounds(tmp_path, n)]
+    assert len(records) == 12 and {r["data_plane"] for r in records} == {"payloads"}
+    assert all(r["failures"] == 0 for r in results)
+
+
+def test_with_object_storage_the_clients_download_from_the_bucket(tmp_path, monkeypatch):
+    service, summary, results, stored = s3_run(tmp_path, monkeypatch, "update")
     assert summary.replicas_consistent and summary.updates_published == 4 and summary.update_disputes == []
     assert stored > 0  # the last rounds' payloads and updates (older ones are collected)
     # the updates (and the witnesses' payloads) came from the bucket: the coordinator sent far less than the

@@ -1,12 +1,13 @@
-"""The client's transport to the coordinator: JSON calls, blobs and checkpoint files over aiohttp, with retries
+"""The client's transport to the coordinator (and to a bucket): JSON calls, blobs and checkpoint files over aiohttp, with retries
 and byte counters. Every request to the coordinator goes through `Transport._send`, where fault injection
 (latency, loss, bandwidth) is applied; token batches from the data server are fetched by aftermath.data.server
 and pass `Transport.gate` first, which injects the same latency and loss.
 
 The bandwidth limit has a rate per direction (aftermath.faults: `--fault-bandwidth-up`, `--fault-bandwidth-down`):
-what a request sends (blob PUTs, commit, heartbeat and every other JSON body) is held to the upload rate before
-it leaves; what it receives (blob GETs, checkpoint files, state and other JSON answers) is held to the download
-rate once it has arrived.
+what a request sends (commits with their payloads, heartbeats and every other body) is held to the upload rate
+before it leaves; what it receives (blob GETs, from the coordinator or a bucket, checkpoint files, views and other
+JSON answers) is held to the download rate once it has arrived. Requests to a bucket (object storage, an absolute
+URL) go through `_send` too, without the session header.
 """
 
 from __future__ import annotations
@@ -182,8 +183,10 @@ class Transport:
 
 
 def _kind(method: str, path: str) -> str:
-    if path.startswith("/blobs/"):
+    if path.startswith("/blobs/") or path.startswith(("http://", "https://")):  # the latter: object storage
         return "blob_up" if method == "PUT" else "blob_down"
+    if path == "/commit":  # it carries the payload
+        return "blob_up"
     if path.startswith("/checkpoint/files/"):
         return "checkpoint_file"
     return "json"
