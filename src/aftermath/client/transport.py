@@ -1,7 +1,7 @@
 """The client's transport to the coordinator (and to a bucket): JSON calls, blobs and checkpoint files over
 aiohttp, with retries and byte counters. Every request to the coordinator goes through `Transport._send`, where
-fault injection (latency, loss, bandwidth) is applied; token batches from the data server are fetched by aftermath.data.server
-and pass `Transport.gate` first, which injects the same latency and loss.
+fault injection (latency, loss, bandwidth) is applied; token batches from the data server are fetched by
+aftermath.data.server and pass `Transport.gate` first, which injects the same latency and loss.
 
 The bandwidth limit has a rate per direction (aftermath.faults: `--fault-bandwidth-up`, `--fault-bandwidth-down`):
 what a request sends (commits with their payloads, heartbeats and every other body) is held to the upload rate
