@@ -10,6 +10,8 @@ For every link (--link), schedule (--schedule) and repeat (--repeats):
    - link `home`: every client's transport emulates its own home line through the fault injector
      (aftermath.faults): 50 Mbit/s down, 10 Mbit/s up (6 250 000 and 1 250 000 bytes/s), 40 ms added to every
      request (coordinator calls, blobs, token batches).
+   - link `loopback-tls`: 127.0.0.1 over TLS (`aftermath testnet --tls`: a self-signed certificate that every
+     client pins), to set beside `loopback` (`--link loopback,loopback-tls`).
    - schedule `overlap` (the run default): a client trains step t+1 while step t's results download and apply;
      `sync`: `schedule.overlap = false`, every client applies step t before step t+1 opens.
    From each client's metrics JSONL ("round" records, aftermath.round.protocol.RoundRecord): tokens per round,
@@ -67,7 +69,9 @@ MBIT = 1_000_000 / 8  # bytes per second in one Mbit/s
 LINKS: dict[str, dict[str, float] | None] = {
     "loopback": None,  # 127.0.0.1 as it is
     "home": {"latency_ms": 40.0, "bandwidth_down": 50 * MBIT, "bandwidth_up": 10 * MBIT},
+    "loopback-tls": None,  # 127.0.0.1 over TLS (a self-signed certificate, pinned by every client)
 }
+DEFAULT_LINKS = ("loopback", "home")
 SCHEDULES = {"overlap": True, "sync": False}
 
 
@@ -122,7 +126,7 @@ def run_testnet(out: Path, *, preset: str, tiers: list[int], steps: int, link: s
 
     faults = FaultConfig(**LINKS[link]) if LINKS[link] else None
     options = TestnetOptions(clients=len(tiers), tiers=tiers, steps=steps, out=out, live=False, threads=1,
-                             timeout=timeout, faults=faults,
+                             timeout=timeout, faults=faults, tls=link.endswith("-tls"),
                              extra_overrides={"schedule.rounds_per_epoch": steps, "model.preset": preset,
                                               "schedule.overlap": overlap})
     summary = Testnet(options, console=console).run()
@@ -365,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="tiny preset, 6 steps, 1 repeat, overlap only (each default below, unless given)")
     ap.add_argument("--preset", default=None, help="model preset (default small; tiny with --quick)")
-    ap.add_argument("--link", choices=["loopback", "home", "both"], default="both",
+    ap.add_argument("--link", default="both",
                     help="loopback: 127.0.0.1 as it is; home: 50 Mbit/s down, 10 Mbit/s up, 40 ms per request, "
-                    "emulated in each client's transport; both (default): one after the other")
+                    "emulated in each client's transport; loopback-tls: 127.0.0.1 over TLS with a pinned "
+                    "self-signed certificate; both (default): loopback then home; or a comma-separated list")
     ap.add_argument("--schedule", choices=["overlap", "sync", "both"], default=None,
                     help="overlap: overlapped rounds (the run default); sync: schedule.overlap = false; "
                     "both: side by side (default both; overlap with --quick)")
@@ -390,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (6 if args.quick else 12)
     repeats = args.repeats or (1 if args.quick else 2)
     schedule_arg = args.schedule or ("overlap" if args.quick else "both")
-    links = list(LINKS) if args.link == "both" else [args.link]
+    links = list(DEFAULT_LINKS) if args.link == "both" else args.link.split(",")
+    if any(link not in LINKS for link in links):
+        ap.error(f"--link {args.link}: each link must be one of {', '.join(LINKS)} (or both)")
     schedules = list(SCHEDULES) if schedule_arg == "both" else [schedule_arg]
     tiers = [int(t) for t in args.tiers.split(",")]
     if steps < 4:

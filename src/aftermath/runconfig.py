@@ -110,6 +110,9 @@ class NetworkSection(_Section):
                               "it joins), as a token bucket; 0 = no limit. Beyond it: 429 with Retry-After")
     rate_burst: int = Field(400, ge=1, description="token bucket size: requests a client may make at once")
     public_url: str = Field("", description="URL clients use to reach the coordinator, if not http://host:port")
+    tls_cert: str = Field("", description="PEM certificate (chain) the coordinator serves https with; empty = no "
+                          "TLS (--tls-cert and --tls self-signed win over it)")
+    tls_key: str = Field("", description="PEM private key of tls_cert (--tls-key wins over it)")
     data_plane: Literal["auto", "payloads", "update"] = Field("auto", description=(
         "how a round's accepted set reaches the clients. payloads: every client downloads every accepted "
         "payload and aggregates them itself (N - 1 blobs per client). update: the coordinator aggregates once "
@@ -193,9 +196,10 @@ class RunConfig(_Section):
         return parse_run_config(data, source="command-line overrides")
 
     def public(self) -> dict[str, Any]:
-        """What a client may see (everything but the token)."""
+        """What a client may see (everything but the token and where the TLS key lives)."""
         data = self.model_dump()
         data["network"]["token"] = ""
+        data["network"]["tls_cert"] = data["network"]["tls_key"] = ""
         return data
 
 

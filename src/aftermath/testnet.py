@@ -47,7 +47,7 @@ from aftermath.round.protocol import StateSnapshot
 
 OWNED = ("checkpoint", "metrics", "logs", "summary.json", "loss.png", "state.json", ".checkpoint-tmp",
          ".checkpoint-old", ".clients", "coordinator.json", "report.html", "report-loss.png",
-         "report-validation.png", "report-bandwidth.png", "report-tokens-per-s.png")
+         "report-validation.png", "report-bandwidth.png", "report-tokens-per-s.png", "tls")
 
 
 @dataclass
@@ -69,6 +69,7 @@ class TestnetOptions:
     kill_coordinator_at_step: int | None = None  # kill -9 the coordinator there (after a checkpoint), restart it
     crash_at: dict[int, str] = field(default_factory=dict)  # client index -> "STEP:PHASE" (the crash hook)
     perturb_at: dict[int, int] = field(default_factory=dict)  # client index -> step (the divergence hook)
+    tls: bool = False  # https with a self-signed certificate (OUT/tls), pinned by its fingerprint in every client
 
 
 def testnet_config_text(options: TestnetOptions) -> str:
@@ -133,14 +134,21 @@ class Testnet:
         self.restarted: list[str] = []  # metrics files of restarted incarnations
         self.coordinator_args: list[str] = []
         self.coordinator_kills = 0
+        self.fingerprint: str | None = None  # of the coordinator's certificate, with tls
         seed = options.faults.seed if options.faults is not None else 0
         self.rng = random.Random(seed)
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        from aftermath.tls import ADMIN_TOKEN_ENV, TOKEN_ENV
+
         log = open(self.out / "logs" / f"{name}.log", "w")
+        # the tokens go through the environment (readable by this user only), never argv (visible in `ps`)
         env = dict(os.environ, OMP_NUM_THREADS=str(self.opts.threads), MKL_NUM_THREADS=str(self.opts.threads),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", **{TOKEN_ENV: self.token})
+        env.pop(ADMIN_TOKEN_ENV, None)
+        if name == "coordinator":
+            env[ADMIN_TOKEN_ENV] = self.admin_token
         proc = subprocess.Popen([sys.executable, "-m", "aftermath.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env, cwd=os.getcwd())
         self.procs[name] = proc
@@ -170,10 +178,19 @@ class Testnet:
         self.started = time.perf_counter()
         ready_file = self.out / "coordinator.json"
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if self.opts.tls else 'http'}://127.0.0.1:{port}"
         self.coordinator_args = ["coordinator", "--config", str(config_path), "--run-dir", str(self.out),
-                                 f"--token={self.token}", "--port", str(port), "--ready-file", str(ready_file),
-                                 f"--admin-token={self.admin_token}"]
+                                 "--port", str(port), "--ready-file", str(ready_file)]
+        pin: list[str] = []
+        if self.opts.tls:
+            from aftermath.tls import make_self_signed
+
+            cert, key = self.out / "tls" / "cert.pem", self.out / "tls" / "key.pem"
+            self.fingerprint = make_self_signed(cert, key, ["127.0.0.1", "localhost"])
+            self.coordinator_args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            pin = ["--coordinator-fingerprint", self.fingerprint]
+            self.console.print(f"[bold]TLS[/bold]: self-signed certificate {cert}, SHA-256 fingerprint "
+                               f"{self.fingerprint}")
         self._spawn("coordinator", self.coordinator_args)
         self.console.print(f"[bold]testnet[/bold]: coordinator at [green]{self.url}[/green] "
                            f"(state: {self.url}/state), {self.opts.clients} clients, tiers {self.opts.tiers}")
@@ -184,7 +201,7 @@ class Testnet:
                 tier = self.opts.tiers[i % len(self.opts.tiers)]
                 name = f"client-{i}"
                 self.client_args[name] = [
-                    "client", "--coordinator", self.url, f"--token={self.token}", "--tier", str(tier),
+                    "client", "--coordinator", self.url, *pin, "--tier", str(tier),
                     "--name", name, "--work-dir", str(self.out / ".clients"), "--threads", str(self.opts.threads),
                     "--device", "cpu", *(self.opts.faults.to_args() if self.opts.faults else [])]
                 hooks = []
@@ -253,7 +270,10 @@ class Testnet:
         next_kill: float | None = None
         coordinator_back_at: float | None = None
         try:
-            async with aiohttp.ClientSession() as session:
+            from aftermath.tls import client_ssl
+
+            connector = aiohttp.TCPConnector(ssl=client_ssl(self.fingerprint, None) or True)
+            async with aiohttp.ClientSession(connector=connector) as session:
                 while True:
                     now = time.monotonic()
                     coordinator = self.procs["coordinator"]

@@ -86,6 +86,7 @@ class ClientOptions:
     faults: FaultConfig | None = None  # injected latency, loss, bandwidth (aftermath.faults)
     crash_at: tuple[int, str] | None = None  # test hook: SIGKILL itself at (step, phase) (aftermath.client.hooks)
     perturb_at: int | None = None  # test hook: perturb its weights after applying this step
+    ssl: Any = None  # how the coordinator's certificate is checked (aftermath.tls.client_ssl); None: system CAs
 
     def hooks(self, before_crash: Callable[[], None]) -> RoundHooks:
         if self.crash_at is None and self.perturb_at is None:
@@ -177,7 +178,7 @@ class TrainingClient:
 
     # ------------------------------------------------------------------ entry
     async def run_async(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.opts.ssl or True)) as session:
             self.transport = Transport(self.opts.coordinator, session, faults=self.faults)
             await self._join()
             beat = asyncio.create_task(self._heartbeats())

@@ -21,9 +21,10 @@ from typing import Any, TypeVar
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
-from aftermath.errors import AftermathError
+from aftermath.errors import AftermathError, ConfigError
 from aftermath.faults import FaultInjector, InjectedDrop
 from aftermath.round.protocol import COMMIT_WITH_BLOB, pack_commit
+from aftermath.tls import certificate_error_message, fingerprint_mismatch_message
 
 
 Answer = TypeVar("Answer", bound=BaseModel)
@@ -97,6 +98,10 @@ class Transport:
                     retry_after = _retry_after(retry_header)
                 else:
                     return status, data
+            except aiohttp.ServerFingerprintMismatch as exc:  # not the pinned coordinator: no retry, nothing sent
+                raise ConfigError(fingerprint_mismatch_message(exc)) from None
+            except aiohttp.ClientConnectorCertificateError as exc:  # an untrusted certificate: no retry
+                raise ConfigError(certificate_error_message(self.base_url, exc)) from None
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, InjectedDrop) as exc:
                 last = exc
                 retry_after = 0.0

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import time
 import os
 from pathlib import Path
 
 from rich.console import Console
 
 from aftermath.commands.checks import check_http_url, non_negative_int, positive_float, positive_int
-from aftermath.errors import ConfigError
+from aftermath.errors import AftermathError, ConfigError
+from aftermath.tls import TOKEN_ENV, certificate_error_message, check_plain_http, client_ssl, \
+    fingerprint_mismatch_message, read_secret
 
 
 def parse_memory(text: str | None) -> int | None:
@@ -32,8 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Join the training run of a coordinator and train one tier (or Mix'n'Match spec) of its "
         "MatFormer model: each round it trains its share of the batch, publishes a compressed DisTrO update, "
         "then applies every accepted update of the round so that all replicas stay identical.")
-    p.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://10.0.0.5:8700")
-    p.add_argument("--token", required=True, help="the run token (printed by the coordinator)")
+    p.add_argument("--coordinator", required=True, help="coordinator URL, e.g. https://10.0.0.5:8700 (plain http:// "
+                   "only to this machine, or with --insecure)")
+    p.add_argument("--token", help="the run token (printed by the coordinator). Visible to other local users in "
+                   "`ps`: prefer --token-file or the AFTERMATH_TOKEN environment variable")
+    p.add_argument("--token-file", type=Path, help="read the run token from this file (stripped)")
+    g = p.add_argument_group("TLS (see docs/running.md, \"Run across the internet\")")
+    g.add_argument("--coordinator-fingerprint", metavar="SHA256",
+                   help="pin the coordinator's certificate: its SHA-256 fingerprint, printed by the coordinator "
+                   "(accepted instead of a CA; any other certificate is refused before the token is sent)")
+    g.add_argument("--ca-file", type=Path, help="verify the coordinator's certificate against this PEM CA file "
+                   "(default: the system's CAs)")
+    g.add_argument("--insecure", action="store_true", help="allow plain http:// to another machine (the token "
+                   "and updates cross the network in clear text)")
     p.add_argument("--tier", default="0", help="tier to train: a number (0 = full width) or auto (the widest "
                    "tier whose estimated memory fits; see --memory-limit) (default 0)")
     p.add_argument("--spec", help="a Mix'n'Match spec instead of a tier: NAME=w0,w1,... (one FFN width per layer)")
@@ -89,6 +104,15 @@ def run(args: argparse.Namespace) -> int:
     from aftermath.client.loop import ClientOptions, TrainingClient
 
     check_http_url(args.coordinator, "--coordinator")
+    check_plain_http(args.coordinator, args.insecure)
+    token = read_secret(args.token, args.token_file, TOKEN_ENV, "--token")
+    if not token:
+        raise ConfigError(f"no run token: give --token-file FILE, set {TOKEN_ENV}, or --token TOKEN (the coordinator "
+                          "prints it at start)")
+    ssl_arg = client_ssl(args.coordinator_fingerprint, args.ca_file)
+    if (ssl_arg is not None or args.coordinator_fingerprint) and not args.coordinator.startswith("https://"):
+        raise ConfigError(f"--coordinator-fingerprint and --ca-file need an https:// --coordinator, not "
+                          f"{args.coordinator}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     console = Console(stderr=True)
     if args.spec and args.tier not in ("0", None):
@@ -107,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
-    options = ClientOptions(coordinator=args.coordinator, token=args.token, tier=tier, spec=args.spec,
+    if args.coordinator.startswith("https://"):
+        check_coordinator_identity(args.coordinator, ssl_arg, args.give_up_after)
+    options = ClientOptions(coordinator=args.coordinator, token=token, tier=tier, spec=args.spec, ssl=ssl_arg,
                             name=args.name, device=device, memory_limit=parse_memory(args.memory_limit),
                             work_dir=args.work_dir, metrics_path=args.metrics, threads=args.threads,
                             faults=fault_config_from_args(args), crash_at=parse_crash_at(args.crash_at),
@@ -119,3 +145,40 @@ def run(args: argparse.Namespace) -> int:
                   f"{result['bytes_up']} bytes up, {result['bytes_down']} bytes down, "
                   f"weights {str(result['weights_sha256'])[:16]}")
     return 0
+
+
+def check_coordinator_identity(url: str, ssl_arg, give_up_after: float) -> None:
+    """Before any token is sent: one TLS handshake with the coordinator (GET /health, no credentials), waiting while
+    it is not up yet. A certificate that is not the pinned one, or not trusted, is one line (ConfigError)."""
+    import aiohttp
+
+    async def probe() -> None:
+        started = time.monotonic()
+        said = started
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_arg)) as session:
+            while True:
+                try:
+                    async with session.get(url.rstrip("/") + "/health",
+                                           timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                        await resp.read()
+                        return
+                except aiohttp.ServerFingerprintMismatch as exc:
+                    raise ConfigError(fingerprint_mismatch_message(exc)) from None
+                except aiohttp.ClientConnectorCertificateError as exc:
+                    raise ConfigError(certificate_error_message(url, exc)) from None
+                except aiohttp.ClientConnectorSSLError as exc:
+                    raise ConfigError(f"TLS with the coordinator at {url} failed ({exc}); is it serving https?") \
+                        from None
+                except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                    waited = time.monotonic() - started
+                    if waited > give_up_after:
+                        raise AftermathError(f"cannot reach the coordinator at {url} after {waited:.0f}s ({exc}); "
+                                             "check the URL and that the coordinator runs (giving up after "
+                                             f"--give-up-after {give_up_after:g}s)") from None
+                    if time.monotonic() - said >= 10:
+                        said = time.monotonic()
+                        logging.getLogger("aftermath.client").warning(
+                            "waiting for the coordinator at %s (%.0fs so far): %s", url, waited, exc)
+                    await asyncio.sleep(0.5)
+
+    asyncio.run(probe())

@@ -7,13 +7,18 @@ import asyncio
 import json
 import logging
 import secrets
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.table import Table
 
 from aftermath.commands.checks import check_can_listen, check_writable_dir, port_or_any, positive_int
+from aftermath.errors import ConfigError
 from aftermath.runconfig import load_run_config
+from aftermath.tls import ADMIN_TOKEN_ENV, TOKEN_ENV, check_listen, fingerprint, is_loopback, make_self_signed, \
+    read_secret, server_context
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", type=Path, default=Path("run"),
                    help="directory for checkpoints, metrics, blobs and state (default ./run); an unfinished run "
                    "there is resumed from its last checkpoint")
-    p.add_argument("--token", help="run token clients need to join (default: network.token, else a random one)")
-    p.add_argument("--admin-token", help="token that pauses and resumes the run from the dashboard (default: a "
-                   "random one, printed at start)")
+    p.add_argument("--token", help="run token clients need to join (default: --token-file, else $AFTERMATH_TOKEN, "
+                   "else network.token, else a random one). Visible to other local users in `ps`: prefer "
+                   "--token-file or AFTERMATH_TOKEN")
+    p.add_argument("--token-file", type=Path, help="read the run token from this file (stripped)")
+    p.add_argument("--admin-token", help="token that pauses and resumes the run from the dashboard (default: "
+                   "--admin-token-file, else $AFTERMATH_ADMIN_TOKEN, else a random one, printed at start). Visible "
+                   "to other local users in `ps`: prefer the file or the variable")
+    p.add_argument("--admin-token-file", type=Path, help="read the admin token from this file (stripped)")
+    g = p.add_argument_group("TLS (see docs/running.md, \"Run across the internet\")")
+    g.add_argument("--tls-cert", type=Path, help="serve https with this PEM certificate (chain) (default: "
+                   "network.tls_cert)")
+    g.add_argument("--tls-key", type=Path, help="the certificate's PEM private key (default: network.tls_key)")
+    g.add_argument("--tls", choices=["self-signed"], help="self-signed: make RUN_DIR/tls/cert.pem and key.pem on "
+                   "the first start (reused after) and print the SHA-256 fingerprint clients pin with "
+                   "--coordinator-fingerprint")
+    g.add_argument("--insecure", action="store_true", help="allow listening on an address other machines reach "
+                   "without TLS (the token and updates cross the network in clear text)")
     p.add_argument("--steps", type=positive_int, help="override schedule.total_steps")
     p.add_argument("--min-clients", type=positive_int, help="override schedule.min_clients and init_min_clients")
     p.add_argument("--force-resume", action="store_true",
@@ -54,23 +73,48 @@ def run(args: argparse.Namespace) -> int:
     config = config.with_overrides(overrides)
     # before anything is written or logged: a bad address or a taken port is one line, and the run is untouched
     check_can_listen(config.network.host, config.network.port)
+    cert, key = tls_files(args, config)
+    check_listen(config.network.host, cert is not None or args.tls is not None, args.insecure)
+    given_token = read_secret(args.token, args.token_file, TOKEN_ENV, "--token") or config.network.token or None
+    given_admin = read_secret(args.admin_token, args.admin_token_file, ADMIN_TOKEN_ENV, "--admin-token")
     check_writable_dir(args.run_dir, "--run-dir")
-    token = args.token or config.network.token or secrets.token_urlsafe(16)
+    fp = None
+    if args.tls == "self-signed":
+        cert, key = self_signed_files(args.run_dir, config)
+    ssl_context = server_context(cert, key) if cert is not None else None
+    if cert is not None:
+        fp = fingerprint(cert)
+    token = given_token or secrets.token_urlsafe(16)
     data_dir = Path(config.data.dir) if config.data.dir else default_data_dir()
-    admin_token = args.admin_token or secrets.token_urlsafe(12)
+    admin_token = given_admin or secrets.token_urlsafe(12)
     service = CoordinatorService(config, args.run_dir, token=token, data_dir=data_dir, admin_token=admin_token,
                                  force_resume=args.force_resume)
 
     def ready(url: str) -> None:
+        if ssl_context is not None and url.startswith("http://"):
+            url = "https://" + url.removeprefix("http://")
         public = config.network.public_url or url
         console.print(f"[bold]coordinator[/bold] of run [cyan]{config.run_id}[/cyan] at [green]{public}[/green]")
-        console.print(f"  clients join with: aftermath client --coordinator {public} --token {token} --tier N")
+        if fp is not None:
+            console.print(f"  TLS certificate SHA-256 fingerprint: [bold]{fp}[/bold]", soft_wrap=True)
+        pin = f" --coordinator-fingerprint {fp}" if fp is not None else ""
+        plain_remote = public.startswith("http://") and not is_loopback(urlsplit(public).hostname)
+        insecure = " --insecure" if plain_remote else ""
+        from_file = not args.token and args.token_file is not None
+        if given_token is None:  # generated here: the operator has no other way to learn it
+            env = f"{TOKEN_ENV}={token}"
+        else:  # the operator gave it: it is not echoed
+            env = "" if from_file else f"{TOKEN_ENV}=<the run token>"
+        token_arg = f" --token-file {args.token_file}" if from_file else ""
+        console.print(f"  clients join with: {env + ' ' if env else ''}aftermath client --coordinator {public}{pin}"
+                      f"{token_arg}{insecure} --tier N", soft_wrap=True)
         console.print(f"  run directory: {args.run_dir}")
-        console.print(f"  dashboard: [green]{public}/[/green] (pause/resume: {public}/#admin={admin_token})")
+        admin = f"{public}/#admin={admin_token}" if given_admin is None else f"{public}/#admin=<the admin token>"
+        console.print(f"  dashboard: [green]{public}/[/green] (pause/resume: {admin})", soft_wrap=True)
         if args.ready_file:
-            args.ready_file.write_text(json.dumps({"url": url, "token": token}))
+            write_private(args.ready_file, json.dumps({"url": url, "token": token, "fingerprint": fp}))
 
-    asyncio.run(serve(service, config.network.host, config.network.port, on_ready=ready))
+    asyncio.run(serve(service, config.network.host, config.network.port, ready, ssl_context=ssl_context))
     summary = service.summary
     if summary is None:
         console.print("the coordinator stopped before the run finished; no summary")
@@ -87,3 +131,38 @@ def run(args: argparse.Namespace) -> int:
     for d in summary.unrecovered:
         console.print(f"  [red]replica of {d.client_id} ({d.spec}) differs since epoch {d.epoch}[/red]")
     return 0 if summary.replicas_consistent else 1
+
+
+def tls_files(args: argparse.Namespace, config) -> tuple[Path | None, Path | None]:
+    """(cert, key) from --tls-cert/--tls-key, else network.tls_cert/tls_key; (None, None) without TLS."""
+    cert = args.tls_cert or (Path(config.network.tls_cert) if config.network.tls_cert else None)
+    key = args.tls_key or (Path(config.network.tls_key) if config.network.tls_key else None)
+    if args.tls is not None and (args.tls_cert or args.tls_key):
+        raise ConfigError("give --tls self-signed or --tls-cert/--tls-key, not both")
+    if args.tls is not None:
+        return None, None  # made (or reused) in RUN_DIR/tls once the run directory is known to be writable
+    if (cert is None) != (key is None):
+        raise ConfigError("TLS needs both the certificate and its key: give --tls-cert PATH and --tls-key PATH "
+                          "(or network.tls_cert and network.tls_key), or --tls self-signed")
+    return cert, key
+
+
+def self_signed_files(run_dir: Path, config) -> tuple[Path, Path]:
+    """RUN_DIR/tls/cert.pem and key.pem, made on the first start and reused after (the fingerprint stays)."""
+    folder = run_dir / "tls"
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if not (cert.is_file() and key.is_file()):
+        hosts = [config.network.host, socket.gethostname()]
+        if config.network.public_url:
+            hosts.append(urlsplit(config.network.public_url).hostname or "")
+        make_self_signed(cert, key, [h for h in hosts if h])
+    return cert, key
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds the token)."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

@@ -36,6 +36,8 @@ def add_testnet_arguments(p: argparse.ArgumentParser) -> None:
                    "rejoins at the next epoch")
     g.add_argument("--kill-interval", type=positive_float, default=10.0, metavar="S",
                    help="seconds between kills (default 10)")
+    p.add_argument("--tls", action="store_true", help="run over https with a self-signed certificate (OUT/tls), "
+                   "pinned by its SHA-256 fingerprint in every client")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +64,7 @@ def options_from_args(args: argparse.Namespace):
     return TestnetOptions(clients=args.clients, tiers=tiers, steps=args.steps, config=args.config, out=args.out,
                           live=not args.no_live, timeout=args.timeout, threads=args.threads,
                           faults=faults if faults.active else None, kill_random=args.kill_random,
-                          kill_interval=args.kill_interval)
+                          kill_interval=args.kill_interval, tls=getattr(args, "tls", False))
 
 
 def print_summary(console: Console, summary: dict) -> None:

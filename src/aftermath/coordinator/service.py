@@ -48,6 +48,7 @@ import hmac
 import json
 import logging
 import math
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -937,16 +938,16 @@ class CoordinatorService:
 
 
 # ------------------------------------------------------------------------------------------ running
-async def serve(service: CoordinatorService, host: str, port: int,
-                on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until the run finishes (and the linger time has passed)."""
+async def serve(service: CoordinatorService, host: str, port: int, on_ready: Callable[[str], None] | None = None,
+                ssl_context: ssl.SSLContext | None = None) -> None:
+    """Serve (over TLS with `ssl_context`: aftermath.tls) until the run finishes and the linger time has passed."""
     runner = web.AppRunner(service.app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     actual = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port
     if on_ready is not None:
-        on_ready(f"http://{host}:{actual}")
+        on_ready(f"{'https' if ssl_context is not None else 'http'}://{host}:{actual}")
     try:
         await service.finished.wait()
     finally:
