@@ -3,8 +3,8 @@ does the tier-1 submodel beat a tier-1-width model trained alone? Held-out loss 
 
 The protocol is simulated IN ONE PROCESS with the network's own replica objects (aftermath.round.replica), so
 an arm is fast and deterministic: every simulated client holds a Replica (tier 0: the universal model; tier t:
-`sliced_model` of the same initial weights) with the run's update rule (DisTrO, or AdamW for `--optimizer
-adamw`). Each step every client trains on its own disjoint slice of the global batch and encodes a payload (real
+`sliced_model` of the same initial weights) with the run's update rule (DisTrO, or AdamW / Muon for
+`--optimizer adamw|muon`). Each step every client trains on its own disjoint slice of the global batch and encodes a payload (real
 bytes); every replica decodes all payloads (strict), aggregates them (region-normalised) and applies them, as
 the network client does. After the run the replicas must agree bit for bit on the region they share (checked: a
 cheap proof that the simulation is the protocol).
@@ -27,6 +27,8 @@ LR sweep: --lrs 3e-4,1e-3,3e-3 runs every arm at every learning rate.
 More seeds later: --merge A.json B.json --out C.json combines earlier runs (same settings) into one report.
 Wire and schedule: --topk, --one-bit, --chunk, --overlap (each step's gradient taken one step stale, as the
 network's overlapped rounds do).
+Muon: --orthogonalizer newton_schulz|polar_express, --muon-lr, --muon-bands nested|whole (whole: standard
+whole-matrix Muon, tier-0-only arms).
 Remedies: --apply-mode raw, --average-over covering, --joint (tier-0 clients train loss(tier 0) + loss(tier 1)
 on the same batch, MatFormer's joint objective), --arms L+S2,S-own2 (tier-aware shares).
 """
@@ -72,7 +74,7 @@ class Settings:
     steps: int = 300
     seq_len: int = 128
     batch: int = 8  # sequences per slot
-    optimizer: str = "distro"  # distro | adamw
+    optimizer: str = "distro"  # distro | adamw | muon
     lr: float = 1e-3
     apply_mode: str = "sign"
     average_over: str = "selected"
@@ -83,6 +85,9 @@ class Settings:
     overlap: bool = False  # step s's gradient is taken before step s-1 is applied (the overlapped round)
     lookahead: bool = False  # overlapped: the gradient is taken at the weights plus the client's own guess of s-1
     joint: bool = False  # tier-0 clients also train the tier-1 width (sum of the two losses)
+    orthogonalizer: str = "newton_schulz"  # muon
+    muon_lr: float = 0.02
+    muon_bands: str = "nested"
     eval_batches: int = 16
     eval_batch: int = 16
     threads: int = 1
@@ -106,6 +111,9 @@ def run_config(s: Settings, run_id: str) -> Any:
         overrides["optimizer.distro"] = {"topk": s.topk, "one_bit": s.one_bit, "chunk": s.chunk,
                                          "momentum_decay": s.momentum_decay,
                                          "apply_mode": s.apply_mode, "average_over": s.average_over}
+    if s.optimizer == "muon":
+        overrides["optimizer.dense"] = {"orthogonalizer": s.orthogonalizer, "muon_lr": s.muon_lr,
+                                        "muon_bands": s.muon_bands}
     return RunConfig().with_overrides(overrides)
 
 
@@ -289,6 +297,10 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
     wire = (f"top-{settings.topk}{' 1-bit' if settings.one_bit else ''}, chunk {settings.chunk}, "
             f"decay {settings.momentum_decay:g}"
             f"{', overlapped' if settings.overlap else ''}{' + look-ahead' if settings.lookahead else ''}")
+    if settings.optimizer == "muon":
+        wire = f"{settings.orthogonalizer}, muon lr {settings.muon_lr:g}, {settings.muon_bands} bands"
+    elif settings.optimizer == "adamw":
+        wire = "dense gradients"
     _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {wire}, {settings.apply_mode}, "
                         f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
                         console)
@@ -341,7 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per client share per step (default 8)")
     ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
-    ap.add_argument("--optimizer", default="distro", choices=["distro", "adamw"])
+    ap.add_argument("--optimizer", default="distro", choices=["distro", "adamw", "muon"])
+    ap.add_argument("--orthogonalizer", default="newton_schulz", choices=["newton_schulz", "polar_express"],
+                    help="Muon's orthogonaliser (default newton_schulz)")
+    ap.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak lr for the banded matrices (default "
+                    "0.02; --lr is then AdamW's, for the embedding and the norms)")
+    ap.add_argument("--muon-bands", default="nested", choices=["nested", "whole"],
+                    help="nested: each band between tier boundaries (any tier); whole: whole matrices (tier 0 only)")
     ap.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3 distro, 3e-3 adamw)")
     ap.add_argument("--lrs", default=None, help="comma-separated lrs: run every arm at each (an lr sweep)")
     ap.add_argument("--apply-mode", default="sign", choices=["sign", "raw"])
@@ -375,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         preset=args.preset or ("tiny" if quick else "small"), steps=args.steps or (20 if quick else 300),
         seq_len=args.seq_len or (32 if quick else 128), batch=args.batch or (4 if quick else 8),
-        optimizer=args.optimizer, lr=lrs[0], apply_mode=args.apply_mode, average_over=args.average_over,
+        optimizer=args.optimizer, lr=lrs[0], orthogonalizer=args.orthogonalizer, muon_lr=args.muon_lr,
+        muon_bands=args.muon_bands, apply_mode=args.apply_mode, average_over=args.average_over,
         topk=args.topk, one_bit=args.one_bit, chunk=args.chunk, momentum_decay=args.momentum_decay, overlap=args.overlap, lookahead=args.lookahead, joint=args.joint,
         eval_batches=args.eval_batches or (2 if quick else 16),
         eval_batch=8 if quick else 16)

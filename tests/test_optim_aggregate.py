@@ -254,9 +254,12 @@ def test_sliced_and_universal_distro_replicas_stay_bit_identical(kw, fused):
                                                       **tile), fused=fused)
 
 
-@pytest.mark.parametrize("algorithm", ["adamw", "muon"])
-def test_sliced_and_universal_dense_replicas_stay_bit_identical(algorithm):
-    cfg = DenseConfig(algorithm=algorithm, lr=1e-3, weight_decay=0.1)
+@pytest.mark.parametrize("algorithm,orthogonalizer,dtype", [
+    ("adamw", "newton_schulz", "float32"), ("muon", "newton_schulz", "float32"),
+    ("muon", "polar_express", "float32"), ("muon", "polar_express", "bfloat16")])
+def test_sliced_and_universal_dense_replicas_stay_bit_identical(algorithm, orthogonalizer, dtype):
+    cfg = DenseConfig(algorithm=algorithm, lr=1e-3, weight_decay=0.1, orthogonalizer=orthogonalizer,
+                      ortho_dtype=dtype)
     run_replicas(lambda spec, params: DenseOptimizer(cfg, CFG, spec, params), steps=2)
 
 
@@ -303,13 +306,26 @@ def test_muon_orthogonalises_bands_and_rejects_off_band_specs():
     assert opt.bands[GATE0] == (0, (64, 128, 256, 512))
     assert opt.bands[DOWN0] == (1, (64, 128, 256, 512))
     assert "model.embed_tokens.weight" not in opt.bands
-    from aftermath.optim import newton_schulz
-    g = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
-    s = torch.linalg.svdvals(newton_schulz(g))
-    assert s.min() > 0.5 and s.max() < 1.5
     off_band = {n: p[region_slices(s)].clone() for (n, p), s in zip(params.items(), param_shapes(CFG, MIX).values())}
     with pytest.raises(ConfigError, match="band"):
         DenseOptimizer(DenseConfig(algorithm="muon"), CFG, MIX, off_band)
+
+
+def test_whole_matrix_muon_runs_on_the_full_model_only():
+    model = build_model(CFG, seed=0)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    whole = DenseConfig(algorithm="muon", muon_bands="whole", orthogonalizer="polar_express")
+    opt = DenseOptimizer(whole, CFG, T0, params)
+    assert opt.bands[GATE0] == (0, (512,)) and opt.bands[DOWN0] == (1, (512,))
+    grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for n, p in params.items()}
+    before = params[GATE0].clone()
+    opt.apply(grads, 0)
+    # one step from zero momentum: the gradient's nesterov term (1 + momentum) g, orthogonalised whole, times lr
+    expected = before - whole.muon_lr * whole.orthogonalize()(grads[GATE0] * (1 + whole.muon_momentum)) * 2.0
+    assert torch.allclose(params[GATE0], expected, atol=1e-6)
+    sliced = {n: p.detach().clone() for n, p in sliced_model(model, T1).named_parameters()}
+    with pytest.raises(ConfigError, match="muon_bands = 'nested'"):
+        DenseOptimizer(whole, CFG, T1, sliced)
 
 
 @pytest.mark.parametrize("topk", [SPARSE_TOPK, DENSE_TOPK])

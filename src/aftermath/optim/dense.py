@@ -15,8 +15,11 @@ region only, and give the same bits on the region a sliced replica and a univers
   A Mix'n'Match spec whose widths are not band boundaries cannot run Muon (ConfigError at construction).
   Matrices no tier cuts (the embedding) and vectors use AdamW, as is usual for Muon; the embedding stays on
   AdamW even though it is a matrix.
-Orthogonalisation: 5 quintic Newton-Schulz iterations (a, b, c) = (3.4445, -4.7750, 2.0315), in float32, on
-the band normalised to unit Frobenius norm, then scaled by sqrt(max(1, rows / cols)).
+Orthogonalisation (orthogonal.py): `orthogonalizer` = "newton_schulz" (the classic quintic, the same
+coefficients every iteration) or "polar_express" (per-iteration minimax-optimal quintics), `ortho_steps`
+iterations in `ortho_dtype` on the band normalised to unit Frobenius norm, then scaled by
+sqrt(max(1, rows / cols)). `muon_bands = "whole"` orthogonalises whole matrices instead (standard Muon): only
+for runs where every replica holds the full model, since a sliced replica cannot compute it.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from aftermath.errors import ConfigError, PayloadError
 from aftermath.model.config import MatFormerConfig
 from aftermath.model.geometry import TierSpec, region_slices
 from aftermath.optim.aggregate import aggregate_dense
+from aftermath.optim.orthogonal import Orthogonalizer
 from aftermath.optim.payload import VALUE_DTYPES, Payload, WireFormat
 from aftermath.optim.rule import RegionRule
 from aftermath.optim.schedule import LRSchedule
 from aftermath.optim.update import RoundUpdate
 
 ALGORITHMS = ("adamw", "muon")
+MUON_BANDS = ("nested", "whole")
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,10 @@ class DenseConfig:
     weight_decay: float = 0.0  # decoupled, matrices only
     muon_lr: float = 0.02  # Muon's peak lr; follows the same schedule shape
     muon_momentum: float = 0.95
-    ns_steps: int = 5
+    orthogonalizer: str = "newton_schulz"  # "newton_schulz" | "polar_express"
+    ortho_steps: int = 5
+    ortho_dtype: str = "float32"  # "float32" | "bfloat16": the orthogonaliser's compute dtype
+    muon_bands: str = "nested"  # "nested": each band between tier boundaries; "whole": whole matrices
     value_dtype: str = "float32"  # wire type of the gradients
     chunk: int = 64  # the chunk plan only serves to validate specs; kept equal to the DisTrO default
     min_chunk: int = 8
@@ -61,6 +69,9 @@ class DenseConfig:
             raise ConfigError(f"algorithm {self.algorithm!r} is not known; use one of {ALGORITHMS}")
         if self.value_dtype not in VALUE_DTYPES:
             raise ConfigError(f"value_dtype {self.value_dtype!r} is not known; use one of {sorted(VALUE_DTYPES)}")
+        if self.muon_bands not in MUON_BANDS:
+            raise ConfigError(f"muon_bands {self.muon_bands!r} is not known; use one of {MUON_BANDS}")
+        self.orthogonalize()
         for name in ("beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
@@ -70,22 +81,11 @@ class DenseConfig:
         return LRSchedule(peak_lr=self.lr, kind=self.schedule, warmup_steps=self.warmup_steps,
                           total_steps=self.total_steps, final_fraction=self.final_lr_fraction)
 
+    def orthogonalize(self) -> Orthogonalizer:
+        return Orthogonalizer(self.orthogonalizer, self.ortho_steps, self.ortho_dtype)
+
     def wire(self) -> WireFormat:
         return WireFormat(kind="dense", value_dtype=self.value_dtype)
-
-
-def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise a matrix (quintic Newton-Schulz iteration, float32)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(torch.float32)
-    transposed = x.shape[0] > x.shape[1]
-    if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
-        xxt = x @ x.T
-        x = a * x + (b * xxt + c * (xxt @ xxt)) @ x
-    return (x.T if transposed else x).contiguous()
 
 
 @torch.no_grad()
@@ -115,6 +115,7 @@ class DenseOptimizer(RegionRule):
         self.exp_avg = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
         self.exp_avg_sq = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
         self.bands: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (banded dim, boundaries)
+        self.orthogonalize = config.orthogonalize()
         if config.algorithm == "muon":
             self._plan_bands()
 
@@ -128,6 +129,14 @@ class DenseOptimizer(RegionRule):
             dim = varying[0] if varying else 0
             bounds = self.plan.boundaries[name][dim] if varying else (p.shape[0],)
             held = p.shape[dim]
+            if self.config.muon_bands == "whole":
+                if held != bounds[-1]:
+                    raise ConfigError(
+                        f"muon_bands = 'whole' orthogonalises whole matrices, which only a replica holding the "
+                        f"full model can compute; spec {self.spec.name!r} holds {held} of {bounds[-1]} in "
+                        f"dimension {dim} of {name}. Use muon_bands = 'nested' for runs with sliced tiers")
+                self.bands[name] = (dim, (held,))
+                continue
             if held not in bounds:
                 raise ConfigError(
                     f"Muon orthogonalises each nested band of {name} on its own (band edges {list(bounds)} in "
@@ -194,7 +203,7 @@ class DenseOptimizer(RegionRule):
         for end in bounds:
             index = (slice(start, end), slice(None)) if dim == 0 else (slice(None), slice(start, end))
             band = nesterov[index].contiguous()
-            ortho = newton_schulz(band, c.ns_steps)
+            ortho = self.orthogonalize(band)
             ortho = ortho * max(1.0, band.shape[0] / band.shape[1]) ** 0.5
             p[index].sub_(ortho * lr)
             start = end
