@@ -135,6 +135,23 @@ def run_testnet(out: Path, *, preset: str, tiers: list[int], steps: int, link: s
 
 
 # ------------------------------------------------------------------------------------------- the plain loops
+def plain_micro(run: Any, tier: int) -> int:
+    """The micro-batch the testnet's client of `tier` trained with: the run's, or for "auto" the one the client
+    chose on this machine (the same memory budget: its free memory)."""
+    micro = run.train.micro_batch_size
+    if micro != "auto":
+        return micro
+    import torch
+
+    from aftermath.client.loop import HEADROOM, available_memory, choose_micro_batch
+    from aftermath.model import preset_config, tier_spec
+
+    config = preset_config(run.model.preset)
+    plan = choose_micro_batch(config, tier_spec(config, tier), int(available_memory(torch.device("cpu")) * HEADROOM),
+                              run.data.seq_len, run.optimizer.name, run.schedule.global_batch_size)
+    return plan.size if plan is not None else 1
+
+
 def plain_loop(preset: str, tier: int, sequences: int, seq_len: int, micro: int, steps: int, lr: float, *,
                ready: Callable[[], None] | None = None, finished: Callable[[], None] | None = None,
                others_running: Callable[[], bool] | None = None, busy_limit_s: float = 600.0,
@@ -425,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                     console.log(f"{label}: {len(network)} clients measured; plain loops side by side")
                     jobs = [{"preset": run_info.model.preset, "tier": row["tier"],
                              "sequences": max(1, round(row["tokens_per_round"] / run_info.data.seq_len)),
-                             "seq_len": run_info.data.seq_len, "micro": run_info.train.micro_batch_size,
+                             "seq_len": run_info.data.seq_len, "micro": plain_micro(run_info, row["tier"]),
                              "steps": steps, "lr": run_info.optimizer.lr} for row in network]
                     plain = side_by_side(jobs) if jobs else []
                     for row, p in zip(network, plain):

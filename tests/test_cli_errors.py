@@ -12,21 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import one_line_error
+
 
 def aftermath(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "aftermath.cli", *args], capture_output=True, text=True,
                           timeout=120, cwd=cwd, env=env)
-
-
-def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    """The single `error: ...` line of a refused command, checked to name every needle."""
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def argparse_error(result: subprocess.CompletedProcess, command: str, *needles: str) -> str:

@@ -92,7 +92,7 @@ def test_text_file_with_bytes_tokenizer_round_trips(tmp_path):
 def test_jsonl_whole_documents_go_to_validation(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"body": f"document number {i} " * 5, "id": i}) + "\n" for i in range(40)))
-    prepared = prepare_data(tmp_path / "out", jsonl=[path], jsonl_field="body", tokenizer="bpe", vocab_size=300,
+    prepared = prepare_data(tmp_path / "out", jsonl=[path], text_field="body", tokenizer="bpe", vocab_size=300,
                             val_fraction=0.1)
     meta = prepared.meta
     assert meta["splits"]["val"]["documents"] == 4 and meta["splits"]["train"]["documents"] == 36

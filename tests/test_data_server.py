@@ -202,3 +202,43 @@ def test_data_server_command_refuses_requests_beyond_its_shapes(tmp_path):
     assert too_long[0] == 400 and "seq_len=100000" in too_long[1] and "seq_len <= 4096" in too_long[1]
     assert too_many[0] == 400 and "16781312 tokens" in too_many[1] and "at most 4194304" in too_many[1]
     assert grew < 50 * 2**20, f"the server's peak memory grew by {grew / 2**20:.0f} MiB"
+
+
+def test_data_server_over_tls_with_a_pinned_fingerprint(tmp_path):
+    from aftermath.tls import client_ssl, fingerprint
+
+    data = prepared_bytes_dir(tmp_path, repeats=50)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # plain http beyond this machine is refused with one line, before anything listens
+    refused = subprocess.run([sys.executable, "-m", "aftermath.cli", "data-server", "--data", str(data),
+                              "--host", "0.0.0.0", "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--insecure" in refused.stderr and "Traceback" not in refused.stderr
+    server = subprocess.Popen([sys.executable, "-m", "aftermath.cli", "data-server", "--data", str(data),
+                               "--port", str(port), "--tls-self-signed", str(tmp_path / "tls")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    async def scenario(pin: str) -> int:
+        connector = aiohttp.TCPConnector(ssl=client_ssl(pin, None))
+        async with aiohttp.ClientSession(connector=connector) as s:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    async with s.get(f"https://127.0.0.1:{port}/data/meta") as r:
+                        return r.status
+                except aiohttp.ClientConnectorError:
+                    assert server.poll() is None and time.monotonic() < deadline, server.stderr
+                    await asyncio.sleep(0.2)
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "tls" / "cert.pem").is_file():
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr
+            time.sleep(0.1)
+        assert asyncio.run(scenario(fingerprint(tmp_path / "tls" / "cert.pem"))) == 200
+        with pytest.raises(aiohttp.ServerFingerprintMismatch):
+            asyncio.run(scenario("00" * 32))
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

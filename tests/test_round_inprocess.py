@@ -22,9 +22,9 @@ from coordinator_helpers import small_run_config
 TOKEN = "in-process"
 
 
-def _run(tmp_path: Path, optimizer: str) -> tuple[RunSummary, list[dict], dict[str, str]]:
+def _run(tmp_path: Path, optimizer: str, precision: str = "auto") -> tuple[RunSummary, list[dict], dict[str, str]]:
     run = small_run_config(**{
-        "optimizer.name": optimizer, "optimizer.lr": 1e-3, "optimizer.warmup_steps": 1,
+        "optimizer.name": optimizer, "train.precision": precision, "optimizer.lr": 1e-3, "optimizer.warmup_steps": 1,
         "schedule.total_steps": 6, "schedule.rounds_per_epoch": 2, "schedule.global_batch_size": 6,
         "schedule.init_min_clients": 2, "schedule.warmup_time": 20.0, "schedule.cooldown_time": 10.0,
         "schedule.heartbeat_interval": 0.5, "schedule.heartbeat_timeout": 10.0, "data.val_sequences": 4,
@@ -56,9 +56,12 @@ def service_hashes(run_dir: Path) -> dict[str, str]:
     return json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())["weights_sha256"]
 
 
-@pytest.mark.parametrize("optimizer", ["distro", "adamw", "muon"])
-def test_every_same_tier_replica_ends_identical_including_a_late_joiner(tmp_path, optimizer, one_torch_thread):
-    summary, results, reference = _run(tmp_path, optimizer)
+# bf16: the clients' gradients come from a bf16 forward; the replicas (fp32, applied on the CPU) stay identical
+@pytest.mark.parametrize("optimizer,precision", [("distro", "auto"), ("adamw", "auto"), ("muon", "auto"),
+                                                 ("distro", "bf16")])
+def test_every_same_tier_replica_ends_identical_including_a_late_joiner(tmp_path, optimizer, precision,
+                                                                        one_torch_thread):
+    summary, results, reference = _run(tmp_path, optimizer, precision)
     assert summary.steps == 6 and summary.replicas_consistent, summary.unrecovered
     assert summary.divergences == [] and summary.hashes_checked >= 4
     by_id = {r["client_id"]: r for r in results}
@@ -67,6 +70,8 @@ def test_every_same_tier_replica_ends_identical_including_a_late_joiner(tmp_path
     assert by_id["late"]["weights_sha256"] == reference["tier1"]
     assert by_id["a"]["weights_sha256"] == reference["tier0"]
     late = [json.loads(line) for line in (tmp_path / "late.jsonl").read_text().splitlines()]
+    plans = [r for r in late if r["event"] == "memory_plan"]
+    assert plans and plans[0]["precision"] == ("bf16" if precision == "bf16" else "fp32")
     loaded = [r for r in late if r["event"] == "model_loaded"]
     assert loaded and loaded[0]["step"] >= 2  # rebuilt from a mid-run checkpoint, not the initial model
     assert any(r["event"] == "round" for r in late)  # and trained after it

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "aftermath.commands.export_tiers",
     "aftermath.commands.prepare_data",
     "aftermath.commands.eval",
+    "aftermath.commands.generate",
     "aftermath.commands.data_server",
     "aftermath.commands.coordinator",
     "aftermath.commands.client",

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aftermath.errors import ConfigError
 
@@ -79,13 +79,27 @@ class OptimizerSection(_Section):
         "value_dtype, apply_mode, average_over; empty = their defaults"))
     dense: dict[str, Any] = Field(default_factory=dict, description=(
         "further aftermath.optim.DenseConfig fields (adamw / muon): beta1, beta2, eps, muon_lr, muon_momentum, "
-        "ns_steps, value_dtype; empty = their defaults"))
+        "orthogonalizer, ortho_steps, ortho_dtype, muon_bands, value_dtype; empty = their defaults"))
 
 
 class TrainSection(_Section):
-    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward on a client "
-                                  "(gradients accumulate over micro-batches)")
+    micro_batch_size: int | Literal["auto"] = Field("auto", description=(
+        "sequences per forward/backward on a client (gradients accumulate over micro-batches, so the client's "
+        "batch and its gradient do not depend on it); auto: each client takes the largest power of two whose "
+        "estimated peak fits its device's free memory (or --memory-limit) with headroom, and turns on activation "
+        "checkpointing when not even 1 fits"))
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
+        "the number format of a client's forward/backward (torch.autocast; the weights, the update rule and every "
+        "replica stay fp32, so replicas stay bit-identical whatever each client uses). auto: bf16 on a CUDA GPU "
+        "that has it, fp16 (with a dynamic loss scale) on an older one, fp32 on the CPU"))
     threads: int = Field(1, ge=1, description="torch threads per client process")
+
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _micro_batch(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"{value!r} is neither a number of sequences (1 or more) nor \"auto\"")
 
 
 class DataSection(_Section):

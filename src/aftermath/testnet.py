@@ -39,6 +39,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from aftermath.crypto import COORDINATOR_KEY_FILE, Signer
 from aftermath.errors import AftermathError, ConfigError
 from aftermath.faults import FaultConfig
 from aftermath.metrics import read_metrics
@@ -181,14 +182,15 @@ class Testnet:
         self.url = f"{'https' if self.opts.tls else 'http'}://127.0.0.1:{port}"
         self.coordinator_args = ["coordinator", "--config", str(config_path), "--run-dir", str(self.out),
                                  "--port", str(port), "--ready-file", str(ready_file)]
-        pin: list[str] = []
+        # the coordinator's identity, made here so every client pins it from the start (the coordinator reuses it)
+        pin = ["--coordinator-key", Signer.load_or_create(self.out / COORDINATOR_KEY_FILE).public_hex]
         if self.opts.tls:
             from aftermath.tls import make_self_signed
 
             cert, key = self.out / "tls" / "cert.pem", self.out / "tls" / "key.pem"
             self.fingerprint = make_self_signed(cert, key, ["127.0.0.1", "localhost"])
             self.coordinator_args += ["--tls-cert", str(cert), "--tls-key", str(key)]
-            pin = ["--coordinator-fingerprint", self.fingerprint]
+            pin += ["--coordinator-fingerprint", self.fingerprint]
             self.console.print(f"[bold]TLS[/bold]: self-signed certificate {cert}, SHA-256 fingerprint "
                                f"{self.fingerprint}")
         self._spawn("coordinator", self.coordinator_args)

@@ -31,7 +31,7 @@ def parse_crash_at(text: str | None) -> tuple[int, str] | None:
     if not text:
         return None
     step, _, phase = text.partition(":")
-    if not step.isdigit() or phase not in PHASES:
+    if not (step.isascii() and step.isdigit()) or phase not in PHASES:
         raise ConfigError(f"crash hook {text!r} must be STEP:PHASE with PHASE one of {', '.join(PHASES)}")
     return int(step), phase
 

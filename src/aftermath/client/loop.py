@@ -37,6 +37,7 @@ import hashlib
 import logging
 import math
 import posixpath
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.manifest import Manifest
 from aftermath.checkpoint.optimizer_state import OPTIMIZER_STATE_FILE, load_optimizer_state
 from aftermath.checkpoint.schema import schema_hash
+from aftermath.client.decisions import DecisionCheck
 from aftermath.client.hooks import RoundHooks, TestHooks
 from aftermath.client.transport import CoordinatorError, Transport, Unreachable
 from aftermath.crypto import SignatureError, Signer, verify_commitment
@@ -59,11 +61,12 @@ from aftermath.metrics import MetricsWriter, peak_memory_bytes
 from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_spec, tier_spec
 from aftermath.model.geometry import max_tier
 from aftermath.model.geometry import region_slices
+from aftermath.model.loss import CHUNK_TOKENS
 from aftermath.optim.update import RoundUpdate
 from aftermath.round.protocol import (AppliedRequest, CheckpointAnswer, ClientRoundView, ClientView, CommitRequest,
                                       HashAnswer, HashRequest, HeartbeatRequest, JoinAnswer, JoinRequest, OkAnswer,
                                       ReadyRequest, RoundDetail, RoundRecord, RunInfo, UpdateView, WitnessRequest)
-from aftermath.round.replica import Replica
+from aftermath.round.replica import Replica, resolve_precision
 from aftermath.runconfig import RunConfig, parse_run_config
 
 log = logging.getLogger("aftermath.client")
@@ -76,8 +79,8 @@ class ClientOptions:
     tier: int | None = 0  # None with spec=None: auto
     spec: str | None = None
     name: str = ""
-    device: str = "cpu"
-    memory_limit: int | None = None  # bytes, for --tier auto
+    device: str = "cpu"  # auto, cpu, cuda or cuda:N (resolve_device)
+    memory_limit: int | None = None  # bytes the step may use (--tier auto, micro-batch auto); default: free memory
     work_dir: Path = Path(".aftermath-client")
     metrics_path: Path | None = None
     threads: int | None = None  # default: the run's train.threads
@@ -87,6 +90,7 @@ class ClientOptions:
     crash_at: tuple[int, str] | None = None  # test hook: SIGKILL itself at (step, phase) (aftermath.client.hooks)
     perturb_at: int | None = None  # test hook: perturb its weights after applying this step
     ssl: Any = None  # how the coordinator's certificate is checked (aftermath.tls.client_ssl); None: system CAs
+    coordinator_key: str | None = None  # the coordinator's pinned ed25519 key; None: the run info's (decisions.py)
 
     def hooks(self, before_crash: Callable[[], None]) -> RoundHooks:
         if self.crash_at is None and self.perturb_at is None:
@@ -94,39 +98,118 @@ class ClientOptions:
         return TestHooks(self.crash_at, self.perturb_at, before_crash)
 
 
-# ------------------------------------------------------------------------------------------ tier choice
-def estimate_memory(config: MatFormerConfig, spec: TierSpec, micro_batch: int, seq_len: int,
-                    optimizer: str = "distro") -> int:
-    """Rough training memory of a sliced tier: weights, gradients, optimizer state, activations (fp32)."""
-    params = parameter_count(config, spec)
-    state = 1 if optimizer == "distro" else 2
-    width = max(spec.ffn_widths)
-    heads = max(spec.q_heads)
-    tokens = micro_batch * seq_len
-    per_layer = tokens * (6 * config.hidden_size + 3 * width + 2 * heads * config.head_dim) \
-        + micro_batch * heads * seq_len * seq_len
-    activations = config.num_hidden_layers * per_layer + 3 * tokens * config.vocab_size
-    return 4 * (params * (2 + state) + activations)
+# ------------------------------------------------------------------------------------------ device and memory
+HEADROOM = 0.85  # the share of a memory budget a step's estimate may fill: the estimate's error, allocator slack,
+                 # and what a round holds beside the step (payloads, the next batch)
 
 
-def choose_tier(config: MatFormerConfig, budget: int, micro_batch: int, seq_len: int, optimizer: str) -> int:
-    """The widest tier whose estimated memory fits `budget` bytes (raises when not even the smallest fits)."""
-    for t in range(max_tier(config) + 1):
-        need = estimate_memory(config, tier_spec(config, t), micro_batch, seq_len, optimizer)
-        if need <= budget:
-            return t
-    smallest = estimate_memory(config, tier_spec(config, max_tier(config)), micro_batch, seq_len, optimizer)
-    raise ConfigError(f"even the smallest tier ({max_tier(config)}) needs about {smallest / 2**20:.0f} MiB, more "
-                      f"than the {budget / 2**20:.0f} MiB available; free memory or lower train.micro_batch_size")
+def resolve_device(text: str) -> torch.device:
+    """The training device of `--device` (auto, cpu, cuda, cuda:N), checked before anything is joined: an absent
+    or malformed device is one ConfigError naming it and the fix."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ConfigError(f"--device {text!r} is not a device; use auto, cpu, cuda or cuda:N (N = a GPU's index)")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"--device {text}: torch sees no CUDA GPU (torch {torch.__version__}, {build}); use "
+                          f"--device cpu, or install a CUDA build of torch and check nvidia-smi")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {text}: there are {torch.cuda.device_count()} CUDA GPU(s), indexed from 0; use "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
 
 
-def available_memory(device: str) -> int:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
+def available_memory(device: torch.device) -> int:
+    """Free memory of the training device: the GPU's own (not the host's) for a CUDA device."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def estimate_memory(config: MatFormerConfig, spec: TierSpec, micro_batch: int, seq_len: int,
+                    optimizer: str = "distro", *, precision: str = "fp32", checkpointing: bool = False,
+                    gpu: bool = False) -> int:
+    """Estimated peak bytes of one training step of a sliced tier on its training device.
+
+    On the CPU: fp32 weights, gradients, the update rule's state (AdamW/Muon 2 copies, DisTrO's momentum 1), and
+    the activations. On a GPU the replica and the state stay in host memory (aftermath.round.replica): the device
+    holds a training copy of the weights, the gradients and the activations. Activations, in bytes per token and
+    layer, as counted from what autograd saves (`d` model width, `f` the layer's FFN width, `a` its query heads x
+    head_dim): fp32 24d + 16f + 16a; bf16/fp16 26d + 8f + 8a, plus a half-precision copy of each layer's weights;
+    with checkpointing only each layer's input (4d) is kept and one layer's activations are recomputed at a time.
+    The loss (aftermath.model.loss) adds a vocabulary x width fp32 head gradient held from forward to backward,
+    12d per token, and its larger transient: a chunk's logits (3 fp32 copies) or, in backward, two more
+    vocabulary x width copies."""
+    params = parameter_count(config, spec)
+    state = 1 if optimizer == "distro" else 2
+    d, vocab, tokens = config.hidden_size, config.vocab_size, micro_batch * seq_len
+    half = precision in ("bf16", "fp16")
+    per_layer = []
+    for g in spec.layers:
+        a = g.q_heads * config.head_dim
+        per_token = 26 * d + 8 * g.ffn_width + 8 * a if half else 24 * d + 16 * g.ffn_width + 16 * a
+        per_layer.append(per_token * tokens)
+    layer_weights = (params - vocab * d * (1 if config.tie_word_embeddings else 2)) * 2 if half else 0
+    layers = len(per_layer) * 4 * d * tokens + max(per_layer) if checkpointing else sum(per_layer)
+    head = vocab * d * 4
+    loss = head + 12 * d * tokens + max(3 * min(tokens, CHUNK_TOKENS) * vocab * 4, 2 * head)
+    held = params * 4 * (2 if gpu else 2 + state)
+    return held + layers + layer_weights + loss
+
+
+def host_memory(config: MatFormerConfig, spec: TierSpec, optimizer: str = "distro") -> int:
+    """A GPU client's host memory beyond torch itself: the replica's fp32 weights, the update rule's state and the
+    gradients brought back from the GPU to be encoded."""
+    return parameter_count(config, spec) * 4 * (2 + (1 if optimizer == "distro" else 2))
+
+
+def choose_tier(config: MatFormerConfig, budget: int, micro_batch: int, seq_len: int, optimizer: str, *,
+                precision: str = "fp32", gpu: bool = False) -> int:
+    """The widest tier whose estimated step fits `budget` bytes (raises when not even the smallest fits)."""
+    def need(t: int) -> int:
+        return estimate_memory(config, tier_spec(config, t), micro_batch, seq_len, optimizer, precision=precision,
+                               gpu=gpu)
+
+    for t in range(max_tier(config) + 1):
+        if need(t) <= budget:
+            return t
+    raise ConfigError(f"even the smallest tier ({max_tier(config)}) needs about {need(max_tier(config)) / 2**20:.0f} "
+                      f"MiB at micro-batch {micro_batch}, more than the {budget / 2**20:.0f} MiB usable; free memory, "
+                      f"give --memory-limit, or lower train.micro_batch_size")
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """How a client trains its share of a step: micro-batches of `size` sequences (gradients accumulate), with
+    activation checkpointing per layer or not; `need`: the estimated peak bytes on the training device."""
+
+    size: int
+    checkpointing: bool
+    need: int
+
+
+def choose_micro_batch(config: MatFormerConfig, spec: TierSpec, budget: int, seq_len: int, optimizer: str,
+                       largest: int, *, precision: str = "fp32", gpu: bool = False) -> MicroBatchPlan | None:
+    """The largest power of two, at most `largest` (a client never trains more sequences per step), whose
+    estimated step fits `budget`; with activation checkpointing only when not even 1 fits without. None when
+    nothing fits. Powers of two split the usual power-of-two shares of a global batch evenly."""
+    for checkpointing in (False, True):
+        size = 1 << (max(1, largest).bit_length() - 1)
+        while size >= 1:
+            need = estimate_memory(config, spec, size, seq_len, optimizer, precision=precision,
+                                   checkpointing=checkpointing, gpu=gpu)
+            if need <= budget:
+                return MicroBatchPlan(size, checkpointing, need)
+            size //= 2
+    return None
 
 
 # ------------------------------------------------------------------------------------------ the client
@@ -172,9 +255,13 @@ class TrainingClient:
         self.failures = 0  # refused calls and failed transfers (reported in the stats)
         self.faults = FaultInjector(options.faults) if options.faults is not None and options.faults.active else None
         self.signer = Signer()  # a fresh keypair for every join
+        self.decisions: DecisionCheck | None = None  # checks the coordinator's signatures; set at join
         self.hooks = options.hooks(before_crash=self.metrics.close)
-        self.device = torch.device(options.device if options.device != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(options.device)
+        if self.device.type == "cuda":  # fp32 matmuls (precision fp32, and the loss under fp16) in TF32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.plan: MicroBatchPlan | None = None  # chosen at the first join, kept across joins
 
     # ------------------------------------------------------------------ entry
     async def run_async(self) -> dict[str, Any]:
@@ -218,15 +305,26 @@ class TrainingClient:
         info = await self._run_info()
         config = MatFormerConfig.from_dict(info.model_config_)
         run = parse_run_config(info.run, source="the coordinator's run config")
+        pinned = self.opts.coordinator_key
+        if pinned and info.coordinator_key != pinned:  # before the token is sent
+            raise ConfigError(f"the coordinator at {self.opts.coordinator} has key {info.coordinator_key[:16]}..., "
+                              f"not the pinned {pinned[:16]}... (--coordinator-key): another server answers at this "
+                              f"address, or the run's operator made a new identity; check the key it printed")
+        self.decisions = DecisionCheck(info.coordinator_key, run.run_id)
         tier, spec_text = self.opts.tier, self.opts.spec
-        if tier is None and spec_text is None:  # --tier auto
-            budget = self.opts.memory_limit or available_memory(self.opts.device)
-            tier = choose_tier(config, budget, run.train.micro_batch_size, run.data.seq_len, run.optimizer.name)
-            log.info("--tier auto: %.0f MiB available -> tier %d", budget / 2**20, tier)
+        budget = self.opts.memory_limit or available_memory(self.device)
+        if self.spec is not None:  # a join again: the tier and micro-batch chosen at the first stay
+            tier = self.spec.tier
+        elif tier is None and spec_text is None:  # --tier auto
+            micro = run.train.micro_batch_size
+            tier = choose_tier(config, int(budget * HEADROOM), 1 if micro == "auto" else micro, run.data.seq_len,
+                               run.optimizer.name, precision=resolve_precision(run.train.precision, self.device),
+                               gpu=self.device.type == "cuda")
+            log.info("--tier auto: %.0f MiB available on %s -> tier %d", budget / 2**20, self.device, tier)
         spec = tier_spec(config, tier) if tier is not None else parse_spec(config, spec_text)
         self.signer = Signer()
         request = JoinRequest(token=self.opts.token, name=self.opts.name, device=str(self.device),
-                              memory_bytes=self.opts.memory_limit or available_memory(self.opts.device),
+                              memory_bytes=budget,
                               throughput=1.0 * 2 ** (spec.tier or 0), schema_hash=schema_hash(config),
                               public_key=self.signer.public_hex, tier=tier, spec=None if tier is not None else spec_text)
         answer = await self.transport.call_model("POST", "/join", request, JoinAnswer, auth=False)
@@ -244,6 +342,40 @@ class TrainingClient:
                                       vocab_size=self.config.vocab_size)
         log.info("joined as %s (%s), status %s", self.client_id, spec.name, answer.status)
         self._record(event="joined", status=answer.status)
+        if self.plan is None:
+            self._plan_memory(budget)
+
+    def _plan_memory(self, budget: int) -> None:
+        """The micro-batch (train.micro_batch_size, or the largest that fits `budget` for "auto") and whether to
+        checkpoint activations; said in the metrics (event memory_plan) and in every heartbeat's stats."""
+        run, config, spec = self.run, self.config, self.spec
+        gpu = self.device.type == "cuda"
+        precision = resolve_precision(run.train.precision, self.device)
+        common = dict(precision=precision, gpu=gpu)
+        micro = run.train.micro_batch_size
+        if micro != "auto":
+            plan = MicroBatchPlan(micro, False, estimate_memory(config, spec, micro, run.data.seq_len,
+                                                                run.optimizer.name, **common))
+        else:
+            plan = choose_micro_batch(config, spec, int(budget * HEADROOM), run.data.seq_len, run.optimizer.name,
+                                      run.schedule.global_batch_size, **common)
+            if plan is None:  # the tier was asked for: try it at the least memory it can train in
+                plan = MicroBatchPlan(1, True, estimate_memory(config, spec, 1, run.data.seq_len, run.optimizer.name,
+                                                               checkpointing=True, **common))
+                log.warning("%s needs about %.0f MiB at micro-batch 1 with activation checkpointing, more than the "
+                            "%.0f MiB usable on %s: trying anyway (a smaller tier, or --tier auto, would fit)",
+                            spec.name, plan.need / 2**20, budget * HEADROOM / 2**20, self.device)
+        host = host_memory(config, spec, run.optimizer.name) if gpu else 0
+        if host > available_memory(torch.device("cpu")):
+            log.warning("%s keeps its replica and optimizer state in host memory: about %.0f MiB, more than the "
+                        "%.0f MiB free", spec.name, host / 2**20, available_memory(torch.device("cpu")) / 2**20)
+        self.plan = plan
+        log.info("training on %s in %s: micro-batches of %d%s (about %.0f MiB of %.0f MiB)", self.device, precision,
+                 plan.size, ", activation checkpointing" if plan.checkpointing else "", plan.need / 2**20,
+                 budget / 2**20)
+        self._record(event="memory_plan", device=str(self.device), precision=precision, micro_batch=plan.size,
+                     micro_batch_setting=str(micro), checkpointing=plan.checkpointing, estimate_bytes=plan.need,
+                     host_estimate_bytes=host, budget_bytes=budget)
 
     async def _heartbeats(self) -> None:
         interval = self.run.schedule.heartbeat_interval
@@ -260,8 +392,17 @@ class TrainingClient:
         t = self.transport.stats
         return {"loss": s.last_loss, "bytes_up": t.bytes_up, "bytes_down": t.bytes_down, "tokens": s.tokens,
                 "tokens_per_s": round(s.tokens / s.train_seconds, 1) if s.train_seconds else None,
-                "peak_memory": peak_memory_bytes(), "step": s.model_step, "phase": self.phase,
+                "peak_memory": self._peak_memory(), "step": s.model_step, "phase": self.phase,
+                "micro_batch": self.plan.size if self.plan else None,
+                "precision": self.replica.precision if self.replica else None,
                 "failures": self.failures, **{f"faults_{k}": v for k, v in self._faults().items()}}
+
+    def _peak_memory(self) -> int:
+        """Peak memory of the training device: the GPU's allocations on CUDA (what decides whether a step fits),
+        else this process's peak RSS."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return peak_memory_bytes()
 
     def _faults(self) -> dict[str, int]:
         c = self.faults.counters if self.faults is not None else None
@@ -320,6 +461,8 @@ class TrainingClient:
                 self.failures += 1
                 log.warning("coordinator refused: %s", exc.message)  # e.g. too late for the round: go on
                 continue
+            except SignatureError:
+                raise  # an altered decision: asking again through the same path gets the same
             except AftermathError as exc:
                 # e.g. a blob of the accepted set cannot be fetched: never apply another set; retry on the next
                 # state, and if the round moves on without us, we resynchronise from the next checkpoint
@@ -366,6 +509,7 @@ class TrainingClient:
             # at step t the weights are at t, or at t - 1 while step t - 1 is still to apply (overlapped)
             fresh = self.state.model_step == rnd.step or (prev is not None and self.state.model_step == prev.step)
             if mine and not rnd.committed and self.state.committed_step < rnd.step and fresh:
+                self.decisions.assignment(self.client_id, rnd)
                 await self._train(rnd.step, mine[0], mine[1], prev, rnd.first)
             if prev is not None and self.state.model_step == prev.step:
                 await self._apply(prev)
@@ -388,6 +532,7 @@ class TrainingClient:
         """The tier's weights and optimizer state from the coordinator's checkpoint (sha256-checked files)."""
         started = time.perf_counter()
         ck = await self.transport.call_model("GET", "/checkpoint", None, CheckpointAnswer, auth=False)
+        self.decisions.checkpoint(ck)
         if self.replica is not None and self.state.model_step == checkpoint_step == ck.info.step:
             # the same step is not the same model: a restarted coordinator retrains the steps after its last
             # checkpoint without us. Keep the replica only when it IS the checkpoint's.
@@ -413,9 +558,10 @@ class TrainingClient:
         optimizer = self.run.optimizer.name
 
         def load() -> Replica:
-            model = load_model_dir(local).to(self.device)
+            model = load_model_dir(local)  # the replica stays on the CPU; it trains on self.device
             state = load_optimizer_state(local / OPTIMIZER_STATE_FILE, optimizer)
-            return Replica.build(model, self.config, self.spec, self.run, state)
+            return Replica.build(model, self.config, self.spec, self.run, state, device=self.device,
+                                 checkpointing=self.plan.checkpointing)
 
         self.replica = await asyncio.get_running_loop().run_in_executor(None, load)
         self.prefetched, self.own_blobs, self.pending_timing, self.details, self.updates = {}, {}, {}, {}, {}
@@ -482,9 +628,8 @@ class TrainingClient:
         batch, ahead = await self._batch(start, end)
         t_data = time.perf_counter() - t0
         self._fetch_ahead(first, start, end)
-        micro = self.run.train.micro_batch_size
         lookahead = self._own_result(previous) if previous is not None else None
-        result = await loop.run_in_executor(None, self.replica.train, batch.to(self.device), micro, lookahead)
+        result = await loop.run_in_executor(None, self.replica.train, batch, self.plan.size, lookahead)
         t1 = time.perf_counter()
         blob = await loop.run_in_executor(None, self.replica.encode, result.grads, step, self.client_id)
         t_encode = time.perf_counter() - t1
@@ -507,7 +652,8 @@ class TrainingClient:
         self.state.rounds += 1
         self.pending_timing[step] = {"t_data": t_data, "batch_ahead": ahead, "t_train": result.seconds,
                                      "t_encode": t_encode, "t_upload": t_upload, "payload_bytes": len(blob),
-                                     "loss": result.loss, "sequences": result.sequences, "tokens": result.tokens}
+                                     "loss": result.loss, "sequences": result.sequences, "tokens": result.tokens,
+                                     "retries": result.retries}
         if previous is not None:
             await asyncio.wait([downloading])  # what it could not get, the apply fetches
 
@@ -535,6 +681,7 @@ class TrainingClient:
         """Step `step`'s whole accepted set (fetched once)."""
         if step not in self.details:
             detail = await self.transport.call_model("GET", f"/rounds/{step}", None, RoundDetail)
+            self.decisions.detail(detail)
             self.details = {s: d for s, d in self.details.items() if s > step - 2}
             self.details[step] = detail
         return self.details[step]
@@ -573,6 +720,7 @@ class TrainingClient:
         step = rnd.step
         if result.plane == "update" and result.update is None:
             return
+        self.decisions.result(step, result)
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         prefetched = 0
@@ -587,6 +735,7 @@ class TrainingClient:
         else:
             prefetched = int(step in self.updates)
             update = await self._update(step, result.update)
+            self.decisions.update(step, result, update)
         t_download = time.perf_counter() - t0
         self._passed(step, "download")
         t1 = time.perf_counter()
@@ -641,7 +790,7 @@ class TrainingClient:
             t_prefetch=round(t_prefetch, 4), prefetched=prefetched, t_download=round(t_download, 4),
             t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4),
             data_plane=result.plane,
-            witness=result.witness, faults=self._faults())
+            witness=result.witness, retries=timing.get("retries", 0), faults=self._faults())
         self._record(**record.model_dump(exclude={"time", "client_id", "tier", "spec"}))
         await self.transport.call("POST", "/applied", AppliedRequest(step=step).model_dump())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from aftermath.commands.checks import check_http_url, non_negative_int, positive_float, positive_int
+from aftermath.crypto import PUBLIC_KEY_RE
 from aftermath.errors import AftermathError, ConfigError
 from aftermath.tls import TOKEN_ENV, certificate_error_message, check_plain_http, client_ssl, \
     fingerprint_mismatch_message, read_secret
@@ -45,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--coordinator-fingerprint", metavar="SHA256",
                    help="pin the coordinator's certificate: its SHA-256 fingerprint, printed by the coordinator "
                    "(accepted instead of a CA; any other certificate is refused before the token is sent)")
+    g.add_argument("--coordinator-key", metavar="HEX",
+                   help="pin the coordinator's identity: its ed25519 public key, printed by the coordinator. Every "
+                   "accepted set, assignment and checkpoint must carry its signature (without this flag: the key "
+                   "the coordinator reports at the first contact)")
     g.add_argument("--ca-file", type=Path, help="verify the coordinator's certificate against this PEM CA file "
                    "(default: the system's CAs)")
     g.add_argument("--insecure", action="store_true", help="allow plain http:// to another machine (the token "
@@ -52,8 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tier", default="0", help="tier to train: a number (0 = full width) or auto (the widest "
                    "tier whose estimated memory fits; see --memory-limit) (default 0)")
     p.add_argument("--spec", help="a Mix'n'Match spec instead of a tier: NAME=w0,w1,... (one FFN width per layer)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--memory-limit", help="memory budget for --tier auto, e.g. 4GiB (default: free memory)")
+    p.add_argument("--device", default="auto", help="where to train: auto (the first CUDA GPU if torch sees one, "
+                   "else the CPU), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--memory-limit", help="memory the training step may use, for --tier auto and "
+                   "train.micro_batch_size = \"auto\", e.g. 4GiB (default: the device's free memory: the GPU's own "
+                   "for a CUDA device)")
     p.add_argument("--name", default="", help="a name for this client (letters, digits, . _ -)")
     p.add_argument("--metrics", type=Path, help="write per-round metrics as JSON lines to this file")
     p.add_argument("--work-dir", type=Path, default=Path(".aftermath-client"),
@@ -69,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
-    return int(value) if value and value.isdigit() else None
+    return int(value) if value and value.isascii() and value.isdigit() else None
 
 
 def add_fault_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,7 +109,7 @@ def fault_config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from aftermath.client.hooks import parse_crash_at
-    from aftermath.client.loop import ClientOptions, TrainingClient
+    from aftermath.client.loop import ClientOptions, TrainingClient, resolve_device
 
     check_http_url(args.coordinator, "--coordinator")
     check_plain_http(args.coordinator, args.insecure)
@@ -110,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no run token: give --token-file FILE, set {TOKEN_ENV}, or --token TOKEN (the coordinator "
                           "prints it at start)")
     ssl_arg = client_ssl(args.coordinator_fingerprint, args.ca_file)
+    if args.coordinator_key is not None and PUBLIC_KEY_RE.fullmatch(args.coordinator_key) is None:
+        raise ConfigError(f"--coordinator-key {args.coordinator_key[:80]!r} is not an ed25519 public key: give the 64 "
+                          f"hex digits the coordinator printed ('coordinator key: ...')")
     if (ssl_arg is not None or args.coordinator_fingerprint) and not args.coordinator.startswith("https://"):
         raise ConfigError(f"--coordinator-fingerprint and --ca-file need an https:// --coordinator, not "
                           f"{args.coordinator}")
@@ -128,13 +139,12 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--tier {args.tier!r} must be a number or auto")
         if tier < 0:
             raise ConfigError(f"--tier {tier} must be 0 or more (0 = full width), or auto")
-    device = args.device
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
+    resolve_device(args.device)  # an absent or malformed device is refused before the coordinator is contacted
     if args.coordinator.startswith("https://"):
         check_coordinator_identity(args.coordinator, ssl_arg, args.give_up_after)
     options = ClientOptions(coordinator=args.coordinator, token=token, tier=tier, spec=args.spec, ssl=ssl_arg,
-                            name=args.name, device=device, memory_limit=parse_memory(args.memory_limit),
+                            coordinator_key=args.coordinator_key,
+                            name=args.name, device=args.device, memory_limit=parse_memory(args.memory_limit),
                             work_dir=args.work_dir, metrics_path=args.metrics, threads=args.threads,
                             faults=fault_config_from_args(args), crash_at=parse_crash_at(args.crash_at),
                             perturb_at=args.perturb_at, give_up_after=args.give_up_after)

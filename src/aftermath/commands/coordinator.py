@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "--coordinator-fingerprint")
     g.add_argument("--insecure", action="store_true", help="allow listening on an address other machines reach "
                    "without TLS (the token and updates cross the network in clear text)")
+    p.add_argument("--data", type=Path, help="prepared data directory to train on (from `aftermath prepare-data`; "
+                   "overrides data.dir; default: the embedded Shakespeare)")
     p.add_argument("--steps", type=positive_int, help="override schedule.total_steps")
     p.add_argument("--min-clients", type=positive_int, help="override schedule.min_clients and init_min_clients")
     p.add_argument("--force-resume", action="store_true",
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     console = Console(stderr=True)
     config = load_run_config(args.config)
-    overrides = {"schedule.total_steps": args.steps, "network.host": args.host, "network.port": args.port}
+    overrides = {"schedule.total_steps": args.steps, "network.host": args.host, "network.port": args.port,
+                 "data.dir": data_dir_override(args.data)}
     if args.min_clients is not None:
         overrides.update({"schedule.min_clients": args.min_clients, "schedule.init_min_clients": args.min_clients})
     config = config.with_overrides(overrides)
@@ -97,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold]coordinator[/bold] of run [cyan]{config.run_id}[/cyan] at [green]{public}[/green]")
         if fp is not None:
             console.print(f"  TLS certificate SHA-256 fingerprint: [bold]{fp}[/bold]", soft_wrap=True)
+        console.print(f"  coordinator key (signs accepted sets, assignments, checkpoints): "
+                      f"[bold]{service.identity.public_hex}[/bold]", soft_wrap=True)
         pin = f" --coordinator-fingerprint {fp}" if fp is not None else ""
+        pin += f" --coordinator-key {service.identity.public_hex}"
         plain_remote = public.startswith("http://") and not is_loopback(urlsplit(public).hostname)
         insecure = " --insecure" if plain_remote else ""
         from_file = not args.token and args.token_file is not None
@@ -112,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         admin = f"{public}/#admin={admin_token}" if given_admin is None else f"{public}/#admin=<the admin token>"
         console.print(f"  dashboard: [green]{public}/[/green] (pause/resume: {admin})", soft_wrap=True)
         if args.ready_file:
-            write_private(args.ready_file, json.dumps({"url": url, "token": token, "fingerprint": fp}))
+            write_private(args.ready_file, json.dumps({"url": url, "token": token, "fingerprint": fp,
+                                                       "coordinator_key": service.identity.public_hex}))
 
     asyncio.run(serve(service, config.network.host, config.network.port, ready, ssl_context=ssl_context))
     summary = service.summary
@@ -131,6 +138,17 @@ def run(args: argparse.Namespace) -> int:
     for d in summary.unrecovered:
         console.print(f"  [red]replica of {d.client_id} ({d.spec}) differs since epoch {d.epoch}[/red]")
     return 0 if summary.replicas_consistent else 1
+
+
+def data_dir_override(data: Path | None) -> str | None:
+    """--data DIR as the data.dir of the run config: checked now (one line if it is not a data directory) and
+    absolute, so every process of the run reads the same directory whatever its working directory."""
+    if data is None:
+        return None
+    from aftermath.data import TokenData
+
+    TokenData(data, "train")
+    return str(data.absolute())
 
 
 def tls_files(args: argparse.Namespace, config) -> tuple[Path | None, Path | None]:

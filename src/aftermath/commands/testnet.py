@@ -20,6 +20,8 @@ def add_testnet_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiers", default="0,1,2", help="tiers, assigned to the clients cyclically (default 0,1,2)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps (default: the run config's total_steps, 40)")
     p.add_argument("--config", type=Path, help="run.toml laid over the embedded default run")
+    p.add_argument("--data", type=Path, help="prepared data directory to train on (from `aftermath prepare-data`; "
+                   "overrides data.dir; default: the embedded Shakespeare)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default ./out)")
     p.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out (without "
                    "it, an --out that is not empty is refused)")
@@ -59,9 +61,12 @@ def options_from_args(args: argparse.Namespace):
     except ValueError:
         raise ConfigError(f"--tiers {args.tiers!r} must be comma-separated numbers, e.g. 0,1,2")
     from aftermath.commands.client import fault_config_from_args
+    from aftermath.commands.coordinator import data_dir_override
 
     faults = fault_config_from_args(args)
+    data_dir = data_dir_override(args.data)
     return TestnetOptions(clients=args.clients, tiers=tiers, steps=args.steps, config=args.config, out=args.out,
+                          extra_overrides={"data.dir": data_dir} if data_dir else {},
                           live=not args.no_live, timeout=args.timeout, threads=args.threads,
                           faults=faults if faults.active else None, kill_random=args.kill_random,
                           kill_interval=args.kill_interval, tls=getattr(args, "tls", False))

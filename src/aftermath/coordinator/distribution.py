@@ -32,6 +32,7 @@ class RoundDistribution:
     accepted_digest: str  # aftermath.optim.update.accepted_digest of the set
     witnesses: list[str]
     update: UpdateView | None = None  # once published
+    signature: str = ""  # the coordinator's signature of (accepted set, update blob): aftermath.crypto.round_message
     attestations: dict[str, bool] = field(default_factory=dict)  # witness -> agrees
 
 

@@ -68,7 +68,8 @@ from aftermath.coordinator.resume import ResumePoint, resume_point
 from aftermath.coordinator.sessions import Sessions, Unauthorized
 from aftermath.coordinator.state import ClientInfo, Commit, Event, HashReport, Rejected, RunStateMachine
 from aftermath.coordinator.summary import build_summary
-from aftermath.crypto import SignatureError, verify_commitment
+from aftermath.crypto import (COORDINATOR_KEY_FILE, SignatureError, Signer, assignment_message, checkpoint_message,
+                              round_message, verify_commitment)
 from aftermath.errors import AftermathError, ConfigError
 from aftermath.metrics import MetricsWriter
 from aftermath.model import MatFormerConfig, TierSpec, parse_spec, tier_spec
@@ -162,6 +163,7 @@ class CoordinatorService:
         self.linger = linger
         self.data_dir = data_dir
         self.keeper = ModelKeeper(run, self.run_dir, data_dir)
+        self.identity = Signer.load_or_create(self.run_dir / COORDINATOR_KEY_FILE)  # signs what clients act on
         repaired = self.keeper.recover()
         if repaired:
             log.warning("%s: %s", self.run_dir, repaired)
@@ -207,6 +209,7 @@ class CoordinatorService:
         self._round_entries: dict[int, Any] = {}  # step -> _round_shared of a round members catch up on
         self._detail_cache: dict[tuple[int, bool], bytes] = {}  # see round_detail
         self.distributions: dict[int, RoundDistribution] = {}  # step -> how its accepted set reaches the clients
+        self._assignment_signatures: dict[tuple[int, str], str] = {}  # (step, client) -> signature, see client_view
         self.update_bytes = 0  # the expected size of a round's update blob (set at start-up)
         self.updates_published = 0
         self.update_disputes: list[dict[str, Any]] = []  # witnesses that found a published update wrong
@@ -276,11 +279,29 @@ class CoordinatorService:
         result = None
         if rnd.accepted is not None:
             dist = self.distributions.get(rnd.step)
+            digest, signature = self._round_decision(rnd)
             result = {"accepted": len(rnd.accepted), "payload_bytes": sum(c.payload_bytes for c in rnd.accepted),
                       "plane": "payloads" if dist is None else dist.plane,
                       "update": None if dist is None or dist.update is None else dist.update.model_dump(),
-                      "witnesses": dist.witnesses if dist is not None else []}
+                      "witnesses": dist.witnesses if dist is not None else [],
+                      "accepted_digest": digest, "signature": signature}
         return rnd, base, result
+
+    def _round_decision(self, rnd: Any) -> tuple[str, str]:
+        """A round's accepted-set digest and the coordinator's signature of it (with the update blob, once
+        published): made once per round in `_distribute`, made again here only for a round no longer held there."""
+        dist = self.distributions.get(rnd.step)
+        if dist is not None:
+            return dist.accepted_digest, dist.signature
+        digest = accepted_digest((c.client_id, c.blob) for c in rnd.accepted)
+        return digest, self.identity.sign(round_message(self.run.run_id, rnd.step, digest, None))
+
+    def _assignment_signature(self, step: int, client_id: str, start: int, end: int) -> str:
+        key = (step, client_id)
+        if key not in self._assignment_signatures:
+            self._assignment_signatures[key] = self.identity.sign(
+                assignment_message(self.run.run_id, step, client_id, start, end))
+        return self._assignment_signatures[key]
 
     def client_view(self, client_id: str) -> bytes:
         """GET /view's bytes for `client_id` (a ClientView): the shared part and this client's own."""
@@ -293,11 +314,14 @@ class CoordinatorService:
             rnd, base, result = entry
             mine = rnd.assignments.get(client_id)
             return {**base, "assignment": None if mine is None else (mine.start, mine.end),
+                    "assignment_signature": None if mine is None else self._assignment_signature(
+                        rnd.step, client_id, mine.start, mine.end),
                     "committed": client_id in rnd.commits,
                     "result": None if result is None else {
                         "accepted": result["accepted"], "payload_bytes": result["payload_bytes"],
                         "plane": result["plane"], "update": result["update"],
-                        "witness": client_id in result["witnesses"]}}
+                        "witness": client_id in result["witnesses"],
+                        "accepted_digest": result["accepted_digest"], "signature": result["signature"]}}
 
         current, previous = shared["rounds"]
         view = {k: v for k, v in shared.items() if k != "rounds"}
@@ -324,13 +348,13 @@ class CoordinatorService:
         if key not in self._detail_cache:
             members = self.machine.members
             ids = [c.client_id for c in rnd.accepted]
+            digest, signature = self._round_decision(rnd)
             detail = RoundDetail(
                 step=rnd.step, epoch=rnd.epoch, accepted=[AcceptedResult(**c.to_json()) for c in rnd.accepted],
                 assignments={cid: rnd.assignments[cid].to_json() for cid in ids},
                 public_keys={cid: members[cid].info.public_key for cid in ids},
                 update=None if dist is None else dist.update,
-                accepted_digest=accepted_digest((c.client_id, c.blob) for c in rnd.accepted),
-                witnesses=[] if dist is None else dist.witnesses,
+                accepted_digest=digest, signature=signature, witnesses=[] if dist is None else dist.witnesses,
                 # the payloads already in the bucket are fetched there, not through the coordinator
                 urls={c.blob: self.mirror.download_url(c.blob) for c in rnd.accepted if c.blob in self.mirrored})
             self._detail_cache = {k: v for k, v in self._detail_cache.items() if k[0] >= step - KEEP_DISTRIBUTIONS}
@@ -489,11 +513,14 @@ class CoordinatorService:
             return
         net = self.run.network
         pairs = [(c.client_id, c.blob) for c in rnd.accepted]
-        self.distributions[step] = distribute(
+        dist = distribute(
             self.run.run_id, step, [(c.client_id, c.blob, c.payload_bytes) for c in rnd.accepted], net.data_plane,
             self.update_bytes, net.witnesses, accepted_digest(pairs))
+        dist.signature = self.identity.sign(round_message(self.run.run_id, step, dist.accepted_digest, None))
+        self.distributions[step] = dist
         for old in [s for s in self.distributions if s < step - KEEP_DISTRIBUTIONS]:
             del self.distributions[old]
+        self._assignment_signatures = {k: v for k, v in self._assignment_signatures.items() if k[0] >= step - 1}
 
     async def _apply_job(self, loop: asyncio.AbstractEventLoop, data: dict[str, Any]) -> None:
         step = data["step"]
@@ -524,6 +551,7 @@ class CoordinatorService:
                 url = self.mirror.download_url(sha)
             update = UpdateView(blob=sha, bytes=len(blob), url=url)
             dist.update = update
+            dist.signature = self.identity.sign(round_message(self.run.run_id, step, dist.accepted_digest, sha))
             self.updates_published += 1
             self._view_bumps += 1  # the clients waiting for it are woken at the next tick
         collected = self.ledger.applied(step, [c.blob for c in accepted] + ([update.blob] if update else []))
@@ -685,7 +713,7 @@ class CoordinatorService:
 
     def _run_info(self) -> RunInfo:
         return RunInfo(run=self.run.public(), model_config=self.keeper.config.to_dict(),
-                       schema_hash=self.keeper.schema_hash)
+                       schema_hash=self.keeper.schema_hash, coordinator_key=self.identity.public_hex)
 
     async def run_info(self, request: web.Request) -> web.Response:
         return _answer(self._run_info())
@@ -761,7 +789,7 @@ class CoordinatorService:
     async def get_round(self, request: web.Request) -> web.Response:
         self._client(request)
         text = request.match_info["step"]
-        if not text.isdigit() or len(text) > 18:
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
             raise web.HTTPBadRequest(text=f"step {text[:40]!r} must be a non-negative integer")
         return web.Response(body=self.round_detail(int(text)), content_type="application/json")
 
@@ -914,8 +942,12 @@ class CoordinatorService:
         info_path = self.run_dir / CHECKPOINT_DIR / INFO_FILE
         if not info_path.is_file():
             raise web.HTTPNotFound(text="no checkpoint has been written yet")
-        info = json.loads(info_path.read_text())
-        return _answer(CheckpointAnswer(info=info, model_dir=MODEL_DIR, manifest=self.keeper.manifest_json()))
+        answer = CheckpointAnswer(info=json.loads(info_path.read_text()), model_dir=MODEL_DIR,
+                                  manifest=self.keeper.manifest_json())
+        # signed as the client reads it back: the parsed model's JSON form
+        answer.signature = self.identity.sign(checkpoint_message(
+            self.run.run_id, answer.info.model_dump(mode="json"), answer.manifest))
+        return _answer(answer)
 
     async def checkpoint_file(self, request: web.Request) -> web.StreamResponse:
         rel = request.match_info["path"]

@@ -33,7 +33,7 @@ def build_summary(run_id: str, machine: RunStateMachine, checks: ReplicaChecks,
     first_val = val_history[0]["val_loss"] if val_history else {}
     tiers = {}
     for name, loss in final_val.items():
-        key = name[4:] if name.startswith("tier") and name[4:].isdigit() else name
+        key = name[4:] if name.startswith("tier") and name[4:].isascii() and name[4:].isdigit() else name
         tiers[key] = TierResult(val_loss=loss, initial_val_loss=first_val.get(name))
     return RunSummary(run_id=run_id, steps=machine.step, epochs=machine.epoch + 1,
                       replicas_consistent=checks.consistent(), hashes_checked=checks.checked,

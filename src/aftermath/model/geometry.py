@@ -131,7 +131,7 @@ def mix_spec(config: MatFormerConfig, name: str, ffn_widths: Sequence[int],
     group = base_h // config.matformer_base_num_key_value_heads
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise TierError(f"spec name {name!r} must be non-empty letters, digits, '-' or '_'")
-    if name.startswith("tier") and name[4:].isdigit():
+    if name.startswith("tier") and name[4:].isascii() and name[4:].isdigit():
         raise TierError(f"spec name {name!r} is reserved for nested tiers; pick another name")
     if len(ffn_widths) != n_layers:
         raise TierError(

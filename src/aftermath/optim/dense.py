@@ -56,7 +56,7 @@ class DenseConfig:
     weight_decay: float = 0.0  # decoupled, matrices only
     muon_lr: float = 0.02  # Muon's peak lr; follows the same schedule shape
     muon_momentum: float = 0.95
-    orthogonalizer: str = "newton_schulz"  # "newton_schulz" | "polar_express"
+    orthogonalizer: str = "polar_express"  # "polar_express" | "newton_schulz" (docs/optimizers.md)
     ortho_steps: int = 5
     ortho_dtype: str = "float32"  # "float32" | "bfloat16": the orthogonaliser's compute dtype
     muon_bands: str = "nested"  # "nested": each band between tier boundaries; "whole": whole matrices

@@ -488,7 +488,7 @@ def _parse_mix_spec(raw: object, plan: ChunkPlan) -> TierSpec:
         layers = tuple(LayerGeometry(int(w), int(q), int(kv))
                        for w, q, kv in zip(raw["ffn_widths"], raw["q_heads"], raw["kv_heads"], strict=True))
         name = raw["name"]
-        if not isinstance(name, str) or not name or (name.startswith("tier") and name[4:].isdigit()):
+        if not isinstance(name, str) or not name or (name.startswith("tier") and name[4:].isascii() and name[4:].isdigit()):
             raise ValueError(f"name {name!r}")
         spec = TierSpec(name=name, tier=None, layers=layers, head_dim=cfg.head_dim)
     except (KeyError, TypeError, ValueError) as exc:

@@ -226,6 +226,10 @@ class ResultView(Message):
     update: UpdateView | None = Field(description="published once the coordinator has computed it (data planes "
                                                   "'update' and 'auto')")
     witness: bool = Field(description="this client recomputes the update from the payloads and attests it")
+    accepted_digest: str = Field(description="sha256 of the accepted set (aftermath.optim.update.accepted_digest)")
+    signature: str | None = Field(None, description=(
+        "the coordinator's signature of the round's decision: accepted set and update blob "
+        "(aftermath.crypto.round_message)"))
 
 
 class ClientRoundView(Message):
@@ -233,6 +237,8 @@ class ClientRoundView(Message):
     epoch: int
     started_at: float
     assignment: tuple[int, int] | None = Field(description="this client's global sequences [start, end)")
+    assignment_signature: str | None = Field(None, description=(
+        "the coordinator's signature of the assignment (aftermath.crypto.assignment_message)"))
     first: int = Field(description="the step's first global sequence")
     committed: bool = Field(description="this client's result is in")
     result: ResultView | None = Field(description="published when the round's training ends")
@@ -277,6 +283,8 @@ class RoundDetail(Message):
     witnesses: list[str]
     urls: dict[str, str] = Field(default_factory=dict, description=(
         "blob sha256 -> where to download it without the coordinator (object storage); the others: GET /blobs"))
+    signature: str | None = Field(None, description="the coordinator's signature of the round's decision, as in "
+                                                    "ResultView")
 
 
 # ------------------------------------------------------------------------------------------ answers
@@ -297,6 +305,9 @@ class RunInfo(Message):
     run: dict[str, Any] = Field(description="the run config without the token (aftermath.runconfig.RunConfig)")
     model_config_: dict[str, Any] = Field(alias="model_config", description="the universal MatFormerConfig")
     schema_hash: str
+    coordinator_key: str = Field(description=(
+        "the coordinator's ed25519 public key (hex): it signs accepted sets, assignments and checkpoints; pin it "
+        "with `aftermath client --coordinator-key`"))
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -333,6 +344,8 @@ class CheckpointAnswer(Message):
     info: CheckpointInfo
     model_dir: str
     manifest: dict[str, Any] | None = Field(description="matformer_manifest.json of the universal model")
+    signature: str | None = Field(None, description=(
+        "the coordinator's signature of info and manifest (aftermath.crypto.checkpoint_message)"))
 
 
 class ErrorAnswer(Message):
@@ -431,4 +444,5 @@ class RoundRecord(Message):
     data_plane: Literal["payloads", "update"] = Field("payloads", description=(
         "how it got the round: every accepted payload, or the coordinator's update blob"))
     witness: bool = Field(False, description="it recomputed the published update from the payloads and attested it")
+    retries: int = Field(0, description="fp16: micro-batches computed again at a lower loss scale (overflow)")
     faults: dict[str, int]

@@ -2,11 +2,19 @@
 that tier, with the operations of a round that touch them: train a batch, encode the update, decode and apply
 the accepted set, hash the weights, save and restore the replica state. The client holds a sliced tier, the
 coordinator the universal replica; both build it with `Replica.build`.
+
+Where things live. The replica itself (fp32 weights and the update rule's state) is always on the CPU, and every
+replica applies a round there with the same code: that is what keeps a GPU client's replica bit-identical to a
+CPU client's and to the coordinator's. A client that trains on a GPU (`device`) holds a second copy of the
+weights there (`compute`), refreshed from the replica before each step; only the gradient is computed on it, in
+the run's `train.precision` (torch.autocast, fp32 master weights), and it goes back to the CPU to be encoded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -15,10 +23,15 @@ import torch
 
 from aftermath.errors import ConfigError, PayloadError
 from aftermath.model import MatFormerConfig, MatFormerLM, TierSpec, param_shapes
+from aftermath.model.loss import chunked_cross_entropy
 from aftermath.optim import DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer, Payload, PayloadCodec
 from aftermath.optim.rule import UpdateRule
 from aftermath.optim.update import RoundUpdate, decode_update
 from aftermath.runconfig import RunConfig
+
+log = logging.getLogger("aftermath.replica")
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 
 
 def optimizer_config(run: RunConfig) -> DistroConfig | DenseConfig:
@@ -68,11 +81,79 @@ def weights_sha256(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None =
     return h.hexdigest()
 
 
+def _device_copy(model: MatFormerLM, device: torch.device) -> MatFormerLM:
+    """An empty model of `model`'s geometry on `device` (its weights are copied in before each step), with
+    `model`'s buffers (RoPE frequencies): built there, they could differ in the last bit."""
+    with torch.device(device):
+        copy = MatFormerLM(model.config)
+    with torch.no_grad():
+        for dst, src in zip(copy.buffers(), model.buffers()):
+            dst.copy_(src)
+    return copy
+
+
 def region_state(model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec) -> dict[str, torch.Tensor]:
     """The tensors of `spec` held by `model` (sliced views when the model is wider than the spec)."""
     state = {n: p.detach() for n, p in model.named_parameters()}
     return {name: state[name][tuple(slice(0, s) for s in shape)]
             for name, shape in param_shapes(universal, spec).items()}
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """`train.precision` on `device`: auto = bf16 on a CUDA GPU that has it (compute capability 8 or more), fp16 on
+    an older GPU (whose tensor cores are fp16's), fp32 on the CPU (most CPUs have no fast bf16 matmuls; one that
+    does, AMX or AVX512-BF16, is better off with an explicit "bf16")."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+def training_loss(model: MatFormerLM, part: torch.Tensor, spec: TierSpec | None, precision: str) -> torch.Tensor:
+    """The mean next-token loss of `part` ([n, seq_len + 1] token ids) at `spec`, the forward in `precision`
+    (weights stay fp32: autocast computes the matmuls in bf16 / fp16). Backward is the caller's."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    device = part.device.type
+    with torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext():
+        hidden = model.hidden_states(part[:, :-1], spec)
+    # The chunked loss computes its gradient in forward, (softmax - one-hot) / tokens, below fp16's smallest
+    # number (~6e-8) for most of a 50k vocabulary: under fp16 it runs in fp32; bf16 has fp32's range.
+    with torch.autocast(device, dtype=dtype) if precision == "bf16" else contextlib.nullcontext():
+        return chunked_cross_entropy(hidden, model.head_weight(), part[:, 1:])
+
+
+@dataclass
+class LossScale:
+    """fp16's dynamic loss scale. The loss is multiplied by `scale` before backward so that small gradients do not
+    flush to zero in fp16; a step whose gradients overflow is computed again at half the scale (so the payload
+    always carries this batch's gradient), and `growth_interval` good steps in a row double it. Powers of two:
+    unscaling is exact."""
+
+    scale: float = 2.0 ** 16
+    growth_interval: int = 2000
+    good_steps: int = 0
+
+    def unscale(self, grads: list[torch.Tensor]) -> bool:
+        """Divide `grads` by the scale in place; False (scale halved, nothing divided) when one is not finite and
+        the step must run again. At scale 1 there is nothing left to halve: the overflow is fp16's range in
+        forward, not the scale; the gradients are zeroed (the step is skipped, the payload stays valid)."""
+        if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            for g in grads:
+                g.div_(self.scale)
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2, 0
+            return True
+        self.good_steps = 0
+        if self.scale > 1:
+            self.scale /= 2
+            return False
+        log.warning("fp16: the gradients are not finite even unscaled; this client sends zero gradients this step "
+                    "(set train.precision = \"bf16\" or \"fp32\" if it recurs)")
+        for g in grads:
+            g.zero_()
+        return True
 
 
 @dataclass
@@ -82,28 +163,40 @@ class TrainResult:
     sequences: int
     tokens: int
     seconds: float
+    retries: int = 0  # fp16: forward/backward passes run again at a lower loss scale after an overflow
 
 
 class Replica:
     """A model holding `spec`'s weights (or wider: the universal model) and the run's update rule for `spec`."""
 
     def __init__(self, model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec, run: RunConfig,
-                 rule: UpdateRule, dtype: torch.dtype = torch.float32) -> None:
+                 rule: UpdateRule, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                 checkpointing: bool = False) -> None:
+        if next(model.parameters()).device.type != "cpu":
+            raise ConfigError("a replica's weights live on the CPU (the apply path is the same on every replica); "
+                              "pass `device` for where it trains")
         self.model = model
         self.universal = universal
         self.spec = spec
         self.run = run
         self.rule = rule
         self.dtype = dtype  # the checkpoint dtype the replica hash is taken in
+        self.device = device or torch.device("cpu")
+        self.precision = resolve_precision(run.train.precision, self.device)
+        self.loss_scale = LossScale() if self.precision == "fp16" else None
+        self.compute = model if self.device.type == "cpu" else _device_copy(model, self.device)
+        self.compute.activation_checkpointing = checkpointing
 
     @classmethod
     def build(cls, model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec, run: RunConfig,
-              state: dict[str, torch.Tensor] | None = None) -> "Replica":
-        """The replica of `spec` around `model`, with the replica state of a checkpoint when given."""
+              state: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
+              checkpointing: bool = False) -> "Replica":
+        """The replica of `spec` around `model` (on the CPU), with the replica state of a checkpoint when given;
+        it trains on `device` (default the CPU), with activation checkpointing per layer if asked."""
         rule = build_update_rule(run, universal, spec, {n: p.data for n, p in model.named_parameters()})
         if state is not None:
             rule.load_state_dict(state)
-        return cls(model, universal, spec, run, rule)
+        return cls(model, universal, spec, run, rule, device=device, checkpointing=checkpointing)
 
     # ------------------------------------------------------------------ training
     def train(self, batch: torch.Tensor, micro_batch_size: int, lookahead: Payload | None = None) -> TrainResult:
@@ -114,10 +207,7 @@ class Replica:
         look-ahead does), and the weights are restored bit for bit afterwards. Only for an update rule whose
         apply reads no state (DisTrO): applying a payload must leave nothing behind but the weights."""
         start = time.perf_counter()
-        model = self.model
-        model.train()
-        for p in model.parameters():
-            p.grad = None
+        self.compute.train()
         saved = None
         if lookahead is not None and not self.rule.state_dict():
             saved = {n: p.detach().clone() for n, p in self.rule.params.items()}
@@ -133,17 +223,32 @@ class Replica:
         return result
 
     def _forward_backward(self, batch: torch.Tensor, micro_batch_size: int) -> TrainResult:
-        model = self.model
+        model = self.compute
+        if model is not self.model:
+            with torch.no_grad():  # the replica's weights now, the look-ahead's included
+                for name, p in model.named_parameters():
+                    p.copy_(self.rule.params[name])
+        batch = batch.to(self.device)
         n = batch.shape[0]
-        total = 0.0
         spec = None if model.spec == self.spec else self.spec
-        for lo in range(0, n, micro_batch_size):
-            part = batch[lo: lo + micro_batch_size]
-            loss = model.loss(part[:, :-1], part[:, 1:], spec)
-            (loss * (part.shape[0] / n)).backward()
-            total += loss.item() * part.shape[0]
-        grads = {name: p.grad for name, p in model.named_parameters()}
-        return TrainResult(grads=grads, loss=total / n, sequences=n, tokens=n * (batch.shape[1] - 1), seconds=0.0)
+        retries = 0
+        while True:
+            for p in model.parameters():
+                p.grad = None
+            scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
+            total = 0.0
+            for lo in range(0, n, micro_batch_size):
+                part = batch[lo: lo + micro_batch_size]
+                loss = training_loss(model, part, spec, self.precision)
+                (loss * (part.shape[0] / n * scale)).backward()
+                total += loss.item() * part.shape[0]
+            grads = {name: p.grad for name, p in model.named_parameters()}
+            if self.loss_scale is None or self.loss_scale.unscale([g for g in grads.values() if g is not None]):
+                break
+            retries += 1
+            log.info("fp16: gradients overflowed; computing the step again at loss scale %g", self.loss_scale.scale)
+        return TrainResult(grads=grads, loss=total / n, sequences=n, tokens=n * (batch.shape[1] - 1), seconds=0.0,
+                           retries=retries)
 
     def encode(self, grads: dict[str, torch.Tensor | None], step: int, client_id: str) -> bytes:
         # the sender state (DisTrO's momentum) lives on the CPU, whatever device trains
