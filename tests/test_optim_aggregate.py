@@ -337,3 +337,16 @@ def test_region_aggregate_equals_the_universal_one_bit_for_bit(spec, topk):
     for name, shape in param_shapes(CFG, spec).items():
         assert part[name].shape == shape
         assert torch.equal(part[name], full[name][region_slices(shape)]), name
+
+
+@pytest.mark.parametrize("tier", [0, 1])
+def test_an_empty_accepted_set_is_a_zero_update(tier):
+    # a round nobody committed to in time (e.g. right after a coordinator restart) is applied as no change
+    model = build_model(CFG, seed=0)
+    source = model if tier == 0 else sliced_model(model, T1)
+    params = {n: p.detach().clone() for n, p in source.named_parameters()}
+    before = {n: p.clone() for n, p in params.items()}
+    opt = DistroOptimizer(DistroConfig(lr=1e-3), CFG, tier_spec(CFG, tier), params)
+    opt.aggregate_and_apply([], 0)
+    assert all(torch.equal(params[n], before[n]) for n in params)
+    assert all(not u.any() for u in opt.aggregate([]).values())

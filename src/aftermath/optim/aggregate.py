@@ -192,6 +192,10 @@ def _sparse_tile(items: list[SparseCoefficients], pc: ParamChunking, r0: int, r1
     covering peer's k coefficients in client-id order (a peer that does not cover the chunk holds zeros there)
     divided by the count of `average_over`. A chunk's terms depend only on the chunk, so a region replica that
     computes only its own chunks gets the universal replica's bits."""
+    shape = ((r1 - r0) * pc.chunk[0],) + tuple(target[1:])
+    rows_in_target = min(shape[0], target[0] - r0 * pc.chunk[0])
+    if not items:  # an empty accepted set (nobody committed in time): the update is zero
+        return torch.zeros((rows_in_target,) + tuple(target[1:]), dtype=torch.float32)
     cols = target[1] // pc.chunk[1] if len(target) == 2 else 1  # the target's chunks per chunk row
     rows = torch.arange(r0, r1)[:, None].expand(-1, cols).reshape(-1)
     colj = torch.arange(cols)[None, :].expand(r1 - r0, -1).reshape(-1)
@@ -214,9 +218,7 @@ def _sparse_tile(items: list[SparseCoefficients], pc: ParamChunking, r0: int, r1
         counts = torch.stack(covered, dim=1).sum(dim=1, keepdim=True)
     coeffs = val / counts.clamp(min=1).to(torch.float32)
     blocks = idct_sparse(idx, coeffs, pc.chunk, plan.bases)
-    shape = ((r1 - r0) * pc.chunk[0],) + tuple(target[1:])
-    out = from_chunks(blocks, shape, pc.chunk)
-    return out[:min(shape[0], target[0] - r0 * pc.chunk[0])]
+    return from_chunks(blocks, shape, pc.chunk)[:rows_in_target]
 
 
 @dataclass(frozen=True)
