@@ -61,7 +61,7 @@ from aftermath.metrics import MetricsWriter, peak_memory_bytes
 from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_spec, tier_spec
 from aftermath.model.geometry import max_tier
 from aftermath.model.geometry import region_slices
-from aftermath.model.loss import CHUNK_TOKENS
+from aftermath.model.loss import chunk_tokens
 from aftermath.optim.update import RoundUpdate
 from aftermath.round.protocol import (AppliedRequest, CheckpointAnswer, ClientRoundView, ClientView, CommitRequest,
                                       HashAnswer, HashRequest, HeartbeatRequest, JoinAnswer, JoinRequest, OkAnswer,
@@ -143,11 +143,11 @@ def estimate_memory(config: MatFormerConfig, spec: TierSpec, micro_batch: int, s
     the activations. On a GPU the replica and the state stay in host memory (aftermath.round.replica): the device
     holds a training copy of the weights, the gradients and the activations. Activations, in bytes per token and
     layer, as counted from what autograd saves (`d` model width, `f` the layer's FFN width, `a` its query heads x
-    head_dim): fp32 24d + 16f + 16a; bf16/fp16 26d + 8f + 8a, plus a half-precision copy of each layer's weights;
+    head_dim): fp32 16d + 12f + 16a; bf16/fp16 18d + 6f + 8a, plus a half-precision copy of each layer's weights;
     with checkpointing only each layer's input (4d) is kept and one layer's activations are recomputed at a time.
     The loss (aftermath.model.loss) adds a vocabulary x width fp32 head gradient held from forward to backward,
-    12d per token, and its larger transient: a chunk's logits (3 fp32 copies) or, in backward, two more
-    vocabulary x width copies."""
+    12d per token, and its larger transient: a chunk's fp32 logits (one, softmax runs in place, plus a
+    half-precision copy) or, in backward, two more vocabulary x width copies (the tied embedding's gradients)."""
     params = parameter_count(config, spec)
     state = 1 if optimizer == "distro" else 2
     d, vocab, tokens = config.hidden_size, config.vocab_size, micro_batch * seq_len
@@ -155,12 +155,12 @@ def estimate_memory(config: MatFormerConfig, spec: TierSpec, micro_batch: int, s
     per_layer = []
     for g in spec.layers:
         a = g.q_heads * config.head_dim
-        per_token = 26 * d + 8 * g.ffn_width + 8 * a if half else 24 * d + 16 * g.ffn_width + 16 * a
+        per_token = 18 * d + 6 * g.ffn_width + 8 * a if half else 16 * d + 12 * g.ffn_width + 16 * a
         per_layer.append(per_token * tokens)
     layer_weights = (params - vocab * d * (1 if config.tie_word_embeddings else 2)) * 2 if half else 0
     layers = len(per_layer) * 4 * d * tokens + max(per_layer) if checkpointing else sum(per_layer)
     head = vocab * d * 4
-    loss = head + 12 * d * tokens + max(3 * min(tokens, CHUNK_TOKENS) * vocab * 4, 2 * head)
+    loss = head + 12 * d * tokens + max(min(tokens, chunk_tokens(vocab)) * vocab * (6 if half else 4), 2 * head)
     held = params * 4 * (2 if gpu else 2 + state)
     return held + layers + layer_weights + loss
 

@@ -23,6 +23,32 @@ from aftermath.model.geometry import LayerGeometry, TierSpec, own_spec
 from aftermath.model.loss import chunked_cross_entropy
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """Llama's RMSNorm, `weight * (x * rsqrt(mean(x^2) + eps))`, keeping for backward only x and the per-token
+    scale: autograd's own graph of these operations also keeps the normalised copy of x, one residual-stream
+    tensor more per norm (two per layer), which does not shrink with the tier. Backward recomputes it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        x32 = x.to(_at_least_fp32(x.dtype))
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        grad_weight = (grad * normed.to(x.dtype)).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+        grad_normed = (grad * weight).to(rstd.dtype)
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -30,10 +56,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up, keeping for backward only gate and up: autograd's own graph also keeps silu(gate), one
+    FFN-width tensor more per layer. Backward recomputes it (elementwise, cheap)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_gate = grad * up * (sig * (1 + gate * (1 - sig)))
+        return grad_gate, grad * silu
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +142,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
         up = F.linear(x, self.up_proj.weight[:width])
         if self.act == "silu":
-            hidden = F.silu(F.linear(x, self.gate_proj.weight[:width])) * up
+            hidden = _SwiGLUFunction.apply(F.linear(x, self.gate_proj.weight[:width]), up)
         else:  # relu2
             hidden = F.relu(up).square()
         return F.linear(hidden, self.down_proj.weight[:, :width])
