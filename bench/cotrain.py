@@ -31,6 +31,9 @@ Muon: --orthogonalizer newton_schulz|polar_express, --muon-lr, --muon-bands nest
 whole-matrix Muon, tier-0-only arms).
 Remedies: --apply-mode raw, --average-over covering, --joint (tier-0 clients train loss(tier 0) + loss(tier 1)
 on the same batch, MatFormer's joint objective), --arms L+S2,S-own2 (tier-aware shares).
+Every exported tier trained (issue 23): --objectives own,sampled:0.5 runs each arm under each `train.objective`
+(sampled:S = own_share S; the network's own code, Replica.train), evaluates tier 2 and the Mix'n'Match specs
+between the tiers too, and --eval-every N records learning curves (--plot PNG draws them).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 SLOTS_PER_STEP = 4  # the global batch holds 4 slots of --batch sequences
+EXPORT_TIERS = (0, 1, 2)  # what the run exports, so what the sampled objective trains and what is evaluated
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ class Settings:
     overlap: bool = False  # step s's gradient is taken before step s-1 is applied (the overlapped round)
     lookahead: bool = False  # overlapped: the gradient is taken at the weights plus the client's own guess of s-1
     joint: bool = False  # tier-0 clients also train the tier-1 width (sum of the two losses)
+    objective: str = "own"  # train.objective: own | sampled (every exported tier trained, per sequence)
+    own_share: float = 0.5  # train.own_share (sampled)
+    eval_every: int = 0  # > 0: held-out loss of every evaluated spec every this many steps (learning curves)
     orthogonalizer: str = "newton_schulz"  # muon
     muon_lr: float = 0.02
     muon_bands: str = "nested"
@@ -106,7 +113,8 @@ def run_config(s: Settings, run_id: str) -> Any:
 
     overrides = {"run_id": run_id, "model.preset": s.preset, "optimizer.name": s.optimizer, "optimizer.lr": s.lr,
                  "optimizer.schedule": "constant", "optimizer.warmup_steps": 0, "schedule.total_steps": s.steps,
-                 "data.seq_len": s.seq_len}
+                 "data.seq_len": s.seq_len, "train.objective": s.objective, "train.own_share": s.own_share,
+                 "model.export_tiers": list(EXPORT_TIERS)}
     if s.optimizer == "distro":
         overrides["optimizer.distro"] = {"topk": s.topk, "one_bit": s.one_bit, "chunk": s.chunk,
                                          "momentum_decay": s.momentum_decay,
@@ -125,6 +133,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from aftermath.evaluate import evaluate
     from aftermath.model import build_model, param_shapes, preset_config, tier_spec
     from aftermath.model.slicing import sliced_model
+    from aftermath.round.objective import mix_specs_between
     from aftermath.round.replica import Replica
 
     s = job.settings
@@ -137,7 +146,9 @@ def run_job(job: Job) -> dict[str, Any]:
     train = TokenStream(data_dir, s.seq_len, seed=job.seed, split="train", vocab_size=cfg.vocab_size)
     val = TokenStream(data_dir, s.seq_len, seed=0, split="val", vocab_size=cfg.vocab_size)
     init = build_model(cfg, seed=1000 + job.seed)
-    specs = {t: tier_spec(cfg, t) for t in (0, 1)}
+    specs = {t: tier_spec(cfg, t) for t in EXPORT_TIERS}
+    if s.objective != "own" and (s.lookahead or s.joint):
+        raise ValueError("--objectives other than own train through Replica.train: not with --lookahead or --joint")
 
     clients = []
     for i, plan in enumerate(ARMS[job.arm]):
@@ -157,6 +168,14 @@ def run_job(job: Job) -> dict[str, Any]:
             replica.apply([replica.decode(data, step, cid, spec) for cid, spec, data in blobs], step)
 
     pending: tuple[int, list] | None = None  # overlapped: the step still to apply, and its payloads
+    universal = next((c["model"] for c in clients if c["plan"].tier == 0), None)
+    holder = universal if universal is not None else clients[0]["model"]
+    # held-out loss at every exported tier the arm's model holds and the Mix'n'Match specs between them
+    evaluated = [sp for sp in [*specs.values(), *mix_specs_between(cfg, EXPORT_TIERS)] if sp.fits_within(holder.spec)]
+    curve: list[dict[str, Any]] = []
+
+    def held_out() -> dict[str, float]:
+        return {sp.name: evaluate(holder, val, sp, s.eval_batches, s.eval_batch).loss for sp in evaluated}
 
     def lookahead(c: dict, pending: tuple[int, list]) -> dict:
         step, blobs = pending
@@ -184,17 +203,22 @@ def run_job(job: Job) -> dict[str, Any]:
                 # the gradient is taken where this client expects the weights once the step in flight lands:
                 # the sign of its own last payload, at that step's lr (its replica is restored right after)
                 saved = lookahead(c, pending)
-            loss = model.loss(seqs[:, :-1], seqs[:, 1:])
-            total = loss
-            if s.joint and plan.tier == 0:
-                total = loss + model.loss(seqs[:, :-1], seqs[:, 1:], specs[1])
-            total.backward()
-            if saved is not None:
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        p.copy_(saved[n])
-            step_loss += float(loss.detach())
-            grads = {n: p.grad for n, p in model.named_parameters()}
+            if s.objective == "own":
+                loss = model.loss(seqs[:, :-1], seqs[:, 1:])
+                total = loss
+                if s.joint and plan.tier == 0:
+                    total = loss + model.loss(seqs[:, :-1], seqs[:, 1:], specs[1])
+                total.backward()
+                if saved is not None:
+                    with torch.no_grad():
+                        for n, p in model.named_parameters():
+                            p.copy_(saved[n])
+                step_loss += float(loss.detach())
+                grads = {n: p.grad for n, p in model.named_parameters()}
+            else:  # the network client's own training step, objective included
+                trained = c["replica"].train(seqs, seqs.shape[0], step=step, client_id=c["id"])
+                step_loss += trained.loss
+                grads = trained.grads
             blobs.append((c["id"], c["spec"], c["replica"].encode(grads, step, c["id"])))
         if pending is not None:
             apply_all(*pending)
@@ -205,12 +229,13 @@ def run_job(job: Job) -> dict[str, Any]:
             apply_all(step, blobs)
         if step % 10 == 0 or step == s.steps - 1:
             train_losses.append((step, step_loss / len(clients)))
+        if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
+            curve.append({"step": step + 1, "val_loss": held_out()})
 
     if pending is not None:
         apply_all(*pending)
     # the replicas agree on the region they share (tier-0 client's universal weights vs each tier-1 replica)
     max_diff = 0.0
-    universal = next((c["model"] for c in clients if c["plan"].tier == 0), None)
     if universal is not None:
         full = dict(universal.named_parameters())
         for c in clients:
@@ -221,11 +246,11 @@ def run_job(job: Job) -> dict[str, Any]:
                 own = dict(c["model"].named_parameters())[name].detach()
                 max_diff = max(max_diff, float((region - own).abs().max()))
 
-    result: dict[str, Any] = {"arm": job.arm, "seed": job.seed, "lr": s.lr, "tier0_loss": None, "tier1_loss": None}
-    holder = universal if universal is not None else clients[0]["model"]
-    if universal is not None:
-        result["tier0_loss"] = evaluate(universal, val, specs[0], s.eval_batches, s.eval_batch).loss
-    result["tier1_loss"] = evaluate(holder, val, specs[1], s.eval_batches, s.eval_batch).loss
+    final = held_out()
+    curve.append({"step": s.steps, "val_loss": final})
+    result: dict[str, Any] = {"arm": job.arm, "seed": job.seed, "lr": s.lr, "objective": objective_label(s),
+                              "tier0_loss": final.get("tier0"), "tier1_loss": final["tier1"],
+                              "val_loss": final, "curve": curve}
     result.update(replicas_max_abs_diff=max_diff, train_losses=train_losses,
                   tokens_per_step={f"tier{c['plan'].tier}": len(c["plan"].slots) * s.batch * s.seq_len
                                    for c in clients},
@@ -233,14 +258,35 @@ def run_job(job: Job) -> dict[str, Any]:
     return result
 
 
+def objective_label(s: Settings) -> str:
+    return "own" if s.objective == "own" else f"{s.objective}:{s.own_share:g}"
+
+
+def parse_objectives(text: str) -> list[tuple[str, float]]:
+    """`own,sampled:0.5` -> [("own", 0.5), ("sampled", 0.5)]."""
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, _, share = item.partition(":")
+        if name not in ("own", "sampled"):
+            raise SystemExit(f"error: --objectives item {item!r}: use own or sampled[:SHARE], e.g. own,sampled:0.5")
+        try:
+            value = float(share) if share else 0.5
+        except ValueError:
+            raise SystemExit(f"error: --objectives item {item!r}: the share after ':' must be a number in (0, 1]")
+        if not 0 < value <= 1:
+            raise SystemExit(f"error: --objectives item {item!r}: the share must be in (0, 1]")
+        out.append((name, value))
+    return out
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and spread per (arm, lr) over the seeds."""
-    groups: dict[tuple[str, float], list[dict]] = {}
+    """Mean and spread per (arm, lr, objective) over the seeds."""
+    groups: dict[tuple[str, float, str], list[dict]] = {}
     for r in results:
-        groups.setdefault((r["arm"], r["lr"]), []).append(r)
+        groups.setdefault((r["arm"], r["lr"], r.get("objective", "own")), []).append(r)
     rows = []
-    for (arm, lr), rs in groups.items():
-        row: dict[str, Any] = {"arm": arm, "lr": lr, "seeds": len(rs)}
+    for (arm, lr, objective), rs in groups.items():
+        row: dict[str, Any] = {"arm": arm, "lr": lr, "objective": objective, "seeds": len(rs)}
         for key in ("tier0_loss", "tier1_loss"):
             vals = [r[key] for r in rs if r[key] is not None]
             row[key] = statistics.fmean(vals) if vals else None
@@ -249,12 +295,63 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["replicas_agree"] = all(r["replicas_max_abs_diff"] == 0.0 for r in rs)
         rows.append(row)
     order = list(ARMS)
-    rows.sort(key=lambda r: (r["lr"], order.index(r["arm"])))
+    rows.sort(key=lambda r: (r["lr"], r["objective"], order.index(r["arm"])))
     return rows
+
+
+def objective_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 23's view per (arm, lr, objective): the mean final held-out loss of every evaluated spec, whether
+    each spec's mean learning curve fell at every evaluation, and each spec against tier 1."""
+    groups: dict[tuple[str, float, str], list[dict]] = {}
+    for r in results:
+        if "curve" in r:
+            groups.setdefault((r["arm"], r["lr"], r.get("objective", "own")), []).append(r)
+    rows = []
+    for (arm, lr, objective), rs in sorted(groups.items()):
+        names = list(rs[0]["val_loss"])
+        steps = [p["step"] for p in rs[0]["curve"]]
+        mean_curve = {n: [statistics.fmean(r["curve"][i]["val_loss"][n] for r in rs) for i in range(len(steps))]
+                      for n in names}
+        final = {n: mean_curve[n][-1] for n in names}
+        rows.append({"arm": arm, "lr": lr, "objective": objective, "seeds": len(rs), "steps": steps,
+                     "final": final, "curve": mean_curve,
+                     "monotone": {n: all(b < a for a, b in zip(c, c[1:])) for n, c in mean_curve.items()},
+                     "vs_tier1": {n: final[n] / final["tier1"] - 1 for n in names}})
+    return rows
+
+
+def plot_curves(rows: list[dict[str, Any]], path: str) -> None:
+    """Learning curves (held-out loss against step) of every evaluated spec, one panel per objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4.5), sharey=True, squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        for name, curve in row["curve"].items():
+            ax.plot(row["steps"], curve, marker="o", ms=3, label=name,
+                    linestyle="-" if name.startswith("tier") else "--")
+        ax.set_title(f"{row['arm']}, objective {row['objective']} ({row['seeds']} seed(s))")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out loss")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per lr and seed: does the co-trained arm beat training alone? (positive gain = co-training is better)."""
+    out = []
+    for objective in sorted({r.get("objective", "own") for r in results}):
+        subset = [r for r in results if r.get("objective", "own") == objective]
+        out += [dict(g, objective=objective) for g in _claims(subset)]
+    return out
+
+
+def _claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["arm"], r["lr"], r["seed"]): r for r in results}
     out = []
     pairs = [("L+S", "tier0_loss", "L-own", "L-all"), ("1+3", "tier0_loss", "L-own", "L-all"),
@@ -282,7 +379,7 @@ def claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: list[float], seeds: list[int],
-           arms: list[str], label: str, out: str, wall: float, console: Any) -> Path:
+           arms: list[str], label: str, out: str, wall: float, console: Any, plot: str | None = None) -> Path:
     """Print the tables and write the JSON of a set of runs."""
     rows = summarise(results)
     gains = claims(results)
@@ -290,8 +387,8 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
     def pm(mean: float | None, std: float | None) -> str | None:
         return None if mean is None else f"{mean:.4f} ± {std:.4f}"
 
-    table_cols = ["arm", "lr", "seeds", "tier-0 val loss", "tier-1 val loss", "replicas agree", "s/run"]
-    table_rows = [[r["arm"], f"{r['lr']:g}", r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
+    table_cols = ["arm", "lr", "objective", "seeds", "tier-0 val loss", "tier-1 val loss", "replicas agree", "s/run"]
+    table_rows = [[r["arm"], f"{r['lr']:g}", r["objective"], r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
                    pm(r["tier1_loss"], r["tier1_loss_std"]), "yes" if r["replicas_agree"] else "NO",
                    round(r["seconds"])] for r in rows]
     wire = (f"top-{settings.topk}{' 1-bit' if settings.one_bit else ''}, chunk {settings.chunk}, "
@@ -312,17 +409,32 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
     if claim_rows:
         _common.print_table("Co-training gain over training alone (positive = co-training better)", claim_cols,
                             claim_rows, console)
+    tiers = objective_rows(results)
+    names = list(dict.fromkeys(n for t in tiers for n in t["final"]))  # an arm without tier 0 lacks its specs
+    tier_cols = ["arm", "objective", "seeds", *names, *(f"{n} vs tier1" for n in names if n not in ("tier0", "tier1")),
+                 "fell at every evaluation"]
+    tier_rows = [[t["arm"], t["objective"], t["seeds"],
+                  *(f"{t['final'][n]:.4f}" if n in t["final"] else "-" for n in names),
+                  *(f"{t['vs_tier1'][n]:+.1%}" if n in t["final"] else "-" for n in names if n not in ("tier0", "tier1")),
+                  ", ".join(n for n in names if t["monotone"].get(n)) or "none"] for t in tiers]
+    if tier_rows:
+        _common.print_table(f"Every evaluated spec, held-out loss at step {settings.steps} (mean over seeds)",
+                            tier_cols, tier_rows, console)
+    if plot and tiers:
+        plot_curves(tiers, plot)
+        console.print(f"wrote {plot}")
     path = _common.write_json(out, {
         "benchmark": "cotrain", "label": label, "quick": quick, "complete": True,
         "settings": asdict(settings), "lrs": lrs, "seeds": seeds, "arms": arms,
-        "wall_seconds": round(wall, 1), "rows": rows, "claims": gains, "runs": results,
+        "wall_seconds": round(wall, 1), "rows": rows, "claims": gains, "tiers": tiers, "runs": results,
         "markdown": {"table": _common.markdown_table(table_cols, table_rows),
-                     "claims": _common.markdown_table(claim_cols, claim_rows)},
+                     "claims": _common.markdown_table(claim_cols, claim_rows),
+                     "tiers": _common.markdown_table(tier_cols, tier_rows)},
     })
     return path
 
 
-def merge(paths: list[str], out: str, label: str) -> int:
+def merge(paths: list[str], out: str, label: str, plot: str | None = None) -> int:
     """Combine the runs of earlier result files (their settings must agree) into one report."""
     import json
 
@@ -331,7 +443,8 @@ def merge(paths: list[str], out: str, label: str) -> int:
     datas = [json.loads(Path(p).read_text()) for p in paths]
     first = datas[0]["settings"]
     for p, d in zip(paths, datas):
-        differ = {k for k in first if k != "lr" and d["settings"].get(k) != first[k]}
+        differ = {k for k in first if k not in ("lr", "objective", "own_share")
+                  and d["settings"].get(k, first[k]) != first[k]}
         if differ:
             raise SystemExit(f"error: {p} was run with other settings ({sorted(differ)}); merge only runs that differ "
                              "in seeds or arms")
@@ -339,7 +452,7 @@ def merge(paths: list[str], out: str, label: str) -> int:
     settings = Settings(**first)
     report(results, settings, False, sorted({r["lr"] for r in results}), sorted({r["seed"] for r in results}),
            sorted({r["arm"] for r in results}, key=list(ARMS).index), label or datas[0].get("label", ""), out,
-           sum(d["wall_seconds"] for d in datas), Console(width=200))
+           sum(d["wall_seconds"] for d in datas), Console(width=200), plot)
     return 0
 
 
@@ -373,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookahead", action="store_true",
                     help="with --overlap: take the gradient at the weights moved by the client's own last update")
     ap.add_argument("--joint", action="store_true", help="tier-0 clients train loss(tier 0) + loss(tier 1)")
+    ap.add_argument("--objectives", default="own", help="comma-separated train.objective values to run every arm "
+                    "under: own, sampled[:OWN_SHARE] (default own; e.g. own,sampled:0.5)")
+    ap.add_argument("--eval-every", type=int, default=0, help="record held-out loss of every evaluated spec every "
+                    "N steps (learning curves; default 0: at the end only)")
+    ap.add_argument("--plot", default=None, help="write the learning curves (needs --eval-every) to this PNG")
     ap.add_argument("--eval-batches", type=int, default=None, help="val batches of --eval-batch (default 16)")
     ap.add_argument("--jobs", type=int, default=2, help="arms run in this many processes at once")
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'raw apply')")
@@ -381,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/cotrain.json")
     args = ap.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out, args.label)
+        return merge(args.merge, args.out, args.label, args.plot)
 
     quick = args.quick
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -395,11 +513,14 @@ def main(argv: list[str] | None = None) -> int:
         seq_len=args.seq_len or (32 if quick else 128), batch=args.batch or (4 if quick else 8),
         optimizer=args.optimizer, lr=lrs[0], orthogonalizer=args.orthogonalizer, muon_lr=args.muon_lr,
         muon_bands=args.muon_bands, apply_mode=args.apply_mode, average_over=args.average_over,
-        topk=args.topk, one_bit=args.one_bit, chunk=args.chunk, momentum_decay=args.momentum_decay, overlap=args.overlap, lookahead=args.lookahead, joint=args.joint,
+        topk=args.topk, one_bit=args.one_bit, chunk=args.chunk, momentum_decay=args.momentum_decay,
+        overlap=args.overlap, lookahead=args.lookahead, joint=args.joint, eval_every=args.eval_every,
         eval_batches=args.eval_batches or (2 if quick else 16),
         eval_batch=8 if quick else 16)
     seeds = [int(x) for x in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
-    jobs = [Job(arm, seed, replace(settings, lr=lr)) for lr in lrs for seed in seeds for arm in arms]
+    objectives = parse_objectives(args.objectives)
+    jobs = [Job(arm, seed, replace(settings, lr=lr, objective=name, own_share=share))
+            for lr in lrs for name, share in objectives for seed in seeds for arm in arms]
     # longest first, so two workers finish together
     weight = {a: sum(len(c.slots) * (1.0 if c.tier == 0 else 0.6) for c in ARMS[a]) for a in ARMS}
     jobs.sort(key=lambda j: -weight[j.arm])
@@ -417,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"  [{len(results)}/{len(jobs)}] {r['arm']:7s} seed {r['seed']} lr {r['lr']:g}: "
                           f"tier0 {r['tier0_loss'] if r['tier0_loss'] is None else round(r['tier0_loss'], 4)}  "
                           f"tier1 {r['tier1_loss']:.4f}  ({r['seconds']:.0f} s)")
-    path = report(results, settings, quick, lrs, seeds, arms, args.label, args.out, time.perf_counter() - t0, console)
+    path = report(results, settings, quick, lrs, seeds, arms, args.label, args.out, time.perf_counter() - t0, console,
+                  args.plot)
     console.print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -75,7 +75,9 @@ def test_page_snapshot_and_pause_behind_the_admin_token(tmp_path):
             if snap["checkpoint"] is not None and snap["loss"]["val"]:
                 break
             await asyncio.sleep(0.1)
-        assert set(snap["loss"]["val"]) == {"tier0", "tier1", "tier2"}
+        # ... and at the Mix'n'Match specs between adjacent exported tiers; nothing has got worse yet
+        assert set(snap["loss"]["val"]) == {"tier0", "tier1", "tier2", "mix0-1", "mid0-1", "mix1-2", "mid1-2"}
+        assert snap["regressions"] == []
         ck = snap["checkpoint"]
         assert ck["epoch"] == -1 and [t["name"] for t in ck["tiers"]] == ["tier0", "tier1", "tier2"]
         for tier in ck["tiers"]:

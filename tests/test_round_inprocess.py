@@ -22,9 +22,11 @@ from coordinator_helpers import small_run_config
 TOKEN = "in-process"
 
 
-def _run(tmp_path: Path, optimizer: str, precision: str = "auto") -> tuple[RunSummary, list[dict], dict[str, str]]:
+def _run(tmp_path: Path, optimizer: str, precision: str = "auto",
+         objective: str = "own") -> tuple[RunSummary, list[dict], dict[str, str]]:
     run = small_run_config(**{
-        "optimizer.name": optimizer, "train.precision": precision, "optimizer.lr": 1e-3, "optimizer.warmup_steps": 1,
+        "optimizer.name": optimizer, "train.precision": precision, "train.objective": objective,
+        "optimizer.lr": 1e-3, "optimizer.warmup_steps": 1,
         "schedule.total_steps": 6, "schedule.rounds_per_epoch": 2, "schedule.global_batch_size": 6,
         "schedule.init_min_clients": 2, "schedule.warmup_time": 20.0, "schedule.cooldown_time": 10.0,
         "schedule.heartbeat_interval": 0.5, "schedule.heartbeat_timeout": 10.0, "data.val_sequences": 4,
@@ -56,12 +58,14 @@ def service_hashes(run_dir: Path) -> dict[str, str]:
     return json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())["weights_sha256"]
 
 
-# bf16: the clients' gradients come from a bf16 forward; the replicas (fp32, applied on the CPU) stay identical
-@pytest.mark.parametrize("optimizer,precision", [("distro", "auto"), ("adamw", "auto"), ("muon", "auto"),
-                                                 ("distro", "bf16")])
-def test_every_same_tier_replica_ends_identical_including_a_late_joiner(tmp_path, optimizer, precision,
+# bf16: the clients' gradients come from a bf16 forward; the replicas (fp32, applied on the CPU) stay identical.
+# sampled: the clients also train the exported tiers inside their own (aftermath.round.objective)
+@pytest.mark.parametrize("optimizer,precision,objective", [
+    ("distro", "auto", "own"), ("adamw", "auto", "own"), ("muon", "auto", "own"), ("distro", "bf16", "own"),
+    ("distro", "auto", "sampled")])
+def test_every_same_tier_replica_ends_identical_including_a_late_joiner(tmp_path, optimizer, precision, objective,
                                                                         one_torch_thread):
-    summary, results, reference = _run(tmp_path, optimizer, precision)
+    summary, results, reference = _run(tmp_path, optimizer, precision, objective)
     assert summary.steps == 6 and summary.replicas_consistent, summary.unrecovered
     assert summary.divergences == [] and summary.hashes_checked >= 4
     by_id = {r["client_id"]: r for r in results}
@@ -79,6 +83,8 @@ def test_every_same_tier_replica_ends_identical_including_a_late_joiner(tmp_path
     a_rounds = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     trained = [r for r in a_rounds if r["event"] == "round" and r["sequences"]]
     assert len(trained) >= 5 and all(r["batch_ahead"] for r in trained[1:])
+    # every exported tier and the Mix'n'Match specs between adjacent ones are evaluated at each checkpoint
+    assert {"0", "1", "2", "mix0-1", "mid0-1", "mix1-2", "mid1-2"} <= set(summary.tiers)
 
 
 def test_the_checkpoint_holds_the_optimizer_state_of_every_tier(tmp_path, one_torch_thread):

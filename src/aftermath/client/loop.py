@@ -33,6 +33,7 @@ transport; test hooks (crash, perturb) reach the round through one seam (afterma
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -629,7 +630,8 @@ class TrainingClient:
         t_data = time.perf_counter() - t0
         self._fetch_ahead(first, start, end)
         lookahead = self._own_result(previous) if previous is not None else None
-        result = await loop.run_in_executor(None, self.replica.train, batch, self.plan.size, lookahead)
+        result = await loop.run_in_executor(None, functools.partial(
+            self.replica.train, batch, self.plan.size, lookahead, step=step, client_id=self.client_id))
         t1 = time.perf_counter()
         blob = await loop.run_in_executor(None, self.replica.encode, result.grads, step, self.client_id)
         t_encode = time.perf_counter() - t1

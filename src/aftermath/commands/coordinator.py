@@ -134,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
                       str(c.bytes_down), (c.weights_sha256 or "-")[:16])
     console.print(table)
     for tier, v in summary.tiers.items():
-        console.print(f"  tier {tier}: validation loss {v.val_loss or 0:.4f} (initial {v.initial_val_loss or 0:.4f})")
+        label = f"tier {tier}" if tier.isdigit() else tier
+        console.print(f"  {label}: validation loss {v.val_loss or 0:.4f} (initial {v.initial_val_loss or 0:.4f}, "
+                      f"best {v.best_val_loss or 0:.4f})"
+                      + ("  [yellow]warning: got worse than its best[/yellow]" if v.regressed else ""))
     for d in summary.unrecovered:
         console.print(f"  [red]replica of {d.client_id} ({d.spec}) differs since epoch {d.epoch}[/red]")
     return 0 if summary.replicas_consistent else 1

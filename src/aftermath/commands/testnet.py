@@ -82,11 +82,18 @@ def print_summary(console: Console, summary: dict) -> None:
         table.add_row(c["id"], str(c["tier"]), "-" if loss is None else f"{loss:.3f}", str(c["bytes_up"]),
                       str(c["bytes_down"]), (c.get("weights_sha256") or "-")[:16])
     console.print(table)
-    tiers = Table("tier", "validation loss", "initial", title="the final checkpoint, every tier")
+    tiers = Table("tier / spec", "validation loss", "initial", "best",
+                  title="the final checkpoint, every exported tier and the Mix'n'Match specs between them")
     for tier, v in summary["tiers"].items():
-        init = v.get("initial_val_loss")
-        tiers.add_row(tier, f"{v['val_loss']:.4f}", "-" if init is None else f"{init:.4f}")
+        init, best = v.get("initial_val_loss"), v.get("best_val_loss")
+        tiers.add_row(tier, f"{v['val_loss']:.4f}" + (" [yellow](got worse)[/yellow]" if v.get("regressed") else ""),
+                      "-" if init is None else f"{init:.4f}", "-" if best is None else f"{best:.4f}")
     console.print(tiers)
+    for tier, v in summary["tiers"].items():
+        if v.get("regressed"):
+            console.print(f"[yellow]warning: {tier} ended at {v['val_loss']:.4f}, worse than its best "
+                          f"{v['best_val_loss']:.4f}: train.objective = \"sampled\" trains every exported "
+                          f"tier[/yellow]")
     faults = summary.get("faults")
     if faults and any(faults.values()):
         console.print("faults: " + ", ".join(f"{k} {v}" for k, v in faults.items()))

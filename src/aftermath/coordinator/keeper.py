@@ -8,8 +8,9 @@ Checkpoint layout in the run directory (replaced as a whole at each epoch end):
                                               + matformer_manifest.json
     RUN_DIR/checkpoint/model-tier1/ ...       tier exports, each with its cut of the optimizer state
                                               (aftermath.checkpoint.export.export_tiers)
-    RUN_DIR/checkpoint/checkpoint.json        epoch, step, run id, optimizer, validation loss and replica hash
-                                              per tier
+    RUN_DIR/checkpoint/checkpoint.json        epoch, step, run id, optimizer, replica hash per exported tier,
+                                              validation loss per exported tier and per Mix'n'Match spec
+                                              between adjacent ones (aftermath.round.objective)
 
 A new checkpoint is built in `RUN_DIR/.checkpoint-tmp` and swapped in by renames, so `checkpoint/` is always
 a complete checkpoint (or, for an instant during the swap, `.checkpoint-old/` is).
@@ -35,6 +36,7 @@ from aftermath.model import MatFormerConfig, TierSpec, build_model, preset_confi
 from aftermath.model.geometry import max_tier
 from aftermath.optim import Payload
 from aftermath.optim.update import encode_update
+from aftermath.round.objective import mix_specs_between
 from aftermath.round.replica import Replica
 from aftermath.runconfig import RunConfig
 
@@ -170,7 +172,11 @@ class ModelKeeper:
         export_tiers(tmp / MODEL_DIR, tiers=tiers, specs=specs)
         all_specs = [tier_spec(self.config, t) for t in sorted({0, *tiers})] + specs
         hashes = {s.name: self.tier_hash(s) for s in all_specs}
-        val = self.evaluate(all_specs)
+        # the Mix'n'Match specs between exported tiers are evaluated too (not exported): they hold up only
+        # if the tiers around them are trained models
+        between = [s for s in mix_specs_between(self.config, self.run.model.export_tiers)
+                   if s.name not in {x.name for x in specs}]
+        val = self.evaluate(all_specs + between)
         self.val_history.append({"epoch": epoch, "step": step, "val_loss": val})
         info = {"run_id": self.run.run_id, "epoch": epoch, "step": step, "schema_hash": self.schema_hash,
                 "optimizer": self.run.optimizer.name, "weights_sha256": hashes, "val_loss": val, "written_at": time.time()}

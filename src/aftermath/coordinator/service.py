@@ -81,6 +81,7 @@ from aftermath.round.protocol import (COMMIT_WITH_BLOB, AcceptedResult, AppliedR
                                       HeartbeatAnswer, HeartbeatRequest, JoinAnswer, JoinRequest, OkAnswer,
                                       ReadyRequest, RoundDetail, RunInfo, RunSummary, StateSnapshot, UpdateView,
                                       WitnessRequest, unpack_commit)
+from aftermath.round.objective import regressions
 from aftermath.round.replica import build_codec
 from aftermath.runconfig import RunConfig
 
@@ -574,6 +575,11 @@ class CoordinatorService:
                            seconds=round(info["seconds"], 3), weights_sha256=info["weights_sha256"])
         log.info("checkpoint of epoch %d (step %d) written in %.2fs; val loss %s", epoch, step, info["seconds"],
                  {k: round(v, 4) for k, v in info["val_loss"].items()})
+        for worse in regressions(self.keeper.val_history):
+            if worse.latest_step == step:
+                log.warning("%s", worse.message())
+                self.metrics.write(event="tier_regressed", epoch=epoch, step=step, spec=worse.name,
+                                   val_loss=worse.latest, best_val_loss=worse.best, best_step=worse.best_step)
 
     async def _export_job(self, loop: asyncio.AbstractEventLoop, spec: TierSpec) -> None:
         """A Mix'n'Match client joined whose spec the current checkpoint lacks: export it there, so its warmup

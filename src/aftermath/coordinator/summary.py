@@ -6,6 +6,7 @@ from typing import Any
 
 from aftermath.coordinator.replicas import ReplicaChecks
 from aftermath.coordinator.state import RunStateMachine
+from aftermath.round.objective import regressions
 from aftermath.round.protocol import ClientSummary, RunSummary, TierResult
 
 
@@ -31,10 +32,13 @@ def build_summary(run_id: str, machine: RunStateMachine, checks: ReplicaChecks,
             tokens_per_s=stats.get("tokens_per_s")))
     final_val = val_history[-1]["val_loss"] if val_history else {}
     first_val = val_history[0]["val_loss"] if val_history else {}
+    regressed = {r.name for r in regressions(val_history)}
     tiers = {}
     for name, loss in final_val.items():
         key = name[4:] if name.startswith("tier") and name[4:].isascii() and name[4:].isdigit() else name
-        tiers[key] = TierResult(val_loss=loss, initial_val_loss=first_val.get(name))
+        seen = [h["val_loss"][name] for h in val_history if (h.get("val_loss") or {}).get(name) is not None]
+        tiers[key] = TierResult(val_loss=loss, initial_val_loss=first_val.get(name),
+                                best_val_loss=min(seen) if seen else None, regressed=name in regressed)
     return RunSummary(run_id=run_id, steps=machine.step, epochs=machine.epoch + 1,
                       replicas_consistent=checks.consistent(), hashes_checked=checks.checked,
                       divergences=checks.divergences, unrecovered=checks.unrecovered(), clients=clients,

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aftermath.model import MatFormerConfig, TierSpec, parameter_count
+from aftermath.round.objective import regressions
 
 # Events worth showing a person (phase changes and round starts are in the round panel instead).
 NOTABLE_EVENTS = ("joined", "dropped", "deferred", "rejected", "fault", "paused", "resumed", "epoch_ended",
-                  "checkpoint", "finished", "error", "mismatch")
+                  "checkpoint", "tier_regressed", "finished", "error", "mismatch")
 MAX_EVENTS = 200
 
 
@@ -119,6 +120,12 @@ class RunHistory:
         """label -> [[step, validation loss], ...] at each epoch end (the step the checkpoint holds)."""
         return {label: [[p["step"], round(p["loss"], 5)] for p in points]
                 for label, points in sorted(self.val_loss.items())}
+
+    def regressions(self) -> list[str]:
+        """One line per exported tier or evaluated spec whose latest held-out loss is worse than its best."""
+        history = [{"step": c["step"], "val_loss": c["val_loss"]} for c in sorted(self.checkpoints,
+                                                                                 key=lambda c: c["epoch"])]
+        return [r.message() for r in regressions(history)]
 
     def seconds_per_round(self, last: int = 10) -> float | None:
         """Mean wall time between recent rounds (None until two rounds are applied)."""

@@ -177,7 +177,7 @@ class Dashboard:
         return {
             "time": time.time(), "run_id": snap.run_id, "version": snap.version,
             "round": self._round(snap), "peers": self._peers(snap, self.view.now()),
-            "loss": {"train": h.train_series(), "val": h.val_series()},
+            "loss": {"train": h.train_series(), "val": h.val_series()}, "regressions": h.regressions(),
             "bandwidth": h.bandwidth[-200:],
             "checkpoints": h.checkpoints, "checkpoint": self._checkpoint,
             "events": h.events[-EVENTS_SHOWN:][::-1],

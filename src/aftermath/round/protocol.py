@@ -382,8 +382,14 @@ class UpdateDispute(Message):
 
 
 class TierResult(Message):
+    """Held-out loss of an exported tier or an evaluated Mix'n'Match spec over the run's checkpoints."""
+
     val_loss: float | None
     initial_val_loss: float | None
+    best_val_loss: float | None = None
+    regressed: bool = Field(False, description=(
+        "the last checkpoint's loss is above the best earlier one by more than aftermath.round.objective."
+        "REGRESSION_MARGIN: the run exports a model that got worse"))
 
 
 class RunSummary(Message):

@@ -27,6 +27,7 @@ from aftermath.model.loss import chunked_cross_entropy
 from aftermath.optim import DenseConfig, DenseOptimizer, DistroConfig, DistroOptimizer, Payload, PayloadCodec
 from aftermath.optim.rule import UpdateRule
 from aftermath.optim.update import RoundUpdate, decode_update
+from aftermath.round.objective import SequenceGroup, narrower_exported, split_batch
 from aftermath.runconfig import RunConfig
 
 log = logging.getLogger("aftermath.replica")
@@ -199,8 +200,12 @@ class Replica:
         return cls(model, universal, spec, run, rule, device=device, checkpointing=checkpointing)
 
     # ------------------------------------------------------------------ training
-    def train(self, batch: torch.Tensor, micro_batch_size: int, lookahead: Payload | None = None) -> TrainResult:
+    def train(self, batch: torch.Tensor, micro_batch_size: int, lookahead: Payload | None = None, *,
+              step: int | None = None, client_id: str = "") -> TrainResult:
         """Forward/backward of `batch` ([n, seq_len + 1] token ids) at this replica's spec, in micro-batches.
+
+        With `train.objective = "sampled"` some sequences train at the exported tiers inside this spec instead
+        (aftermath.round.objective), chosen from (`step`, `client_id`): the network client passes both.
 
         `lookahead` (overlapped rounds): this replica's own payload of the step still in flight. The gradient is
         then taken where the weights are expected once that step lands (the payload applied alone, as Psyche's
@@ -212,8 +217,9 @@ class Replica:
         if lookahead is not None and not self.rule.state_dict():
             saved = {n: p.detach().clone() for n, p in self.rule.params.items()}
             self.rule.aggregate_and_apply([lookahead], lookahead.step)
+        groups = self.sequence_groups(batch.shape[0], step, client_id)
         try:
-            result = self._forward_backward(batch, micro_batch_size)
+            result = self._forward_backward(batch, micro_batch_size, groups)
         finally:
             if saved is not None:
                 with torch.no_grad():
@@ -222,7 +228,20 @@ class Replica:
         result.seconds = time.perf_counter() - start
         return result
 
-    def _forward_backward(self, batch: torch.Tensor, micro_batch_size: int) -> TrainResult:
+    def sequence_groups(self, sequences: int, step: int | None, client_id: str) -> list[SequenceGroup]:
+        """Which rows of a batch of `sequences` train at which spec under the run's objective (own first)."""
+        train = self.run.train
+        narrower = narrower_exported(self.universal, self.spec, self.run.model.export_tiers)
+        if train.objective == "own" or not narrower:
+            return [SequenceGroup(self.spec, tuple(range(sequences)))]
+        if step is None:
+            raise ConfigError("train.objective = \"sampled\" chooses each sequence's tier from the step and the "
+                              "client id; pass step= and client_id= to Replica.train")
+        return split_batch(train.objective, train.own_share, self.spec, narrower, sequences, self.run.seed,
+                           self.run.run_id, step, client_id)
+
+    def _forward_backward(self, batch: torch.Tensor, micro_batch_size: int,
+                          groups: list[SequenceGroup]) -> TrainResult:
         model = self.compute
         if model is not self.model:
             with torch.no_grad():  # the replica's weights now, the look-ahead's included
@@ -230,24 +249,31 @@ class Replica:
                     p.copy_(self.rule.params[name])
         batch = batch.to(self.device)
         n = batch.shape[0]
-        spec = None if model.spec == self.spec else self.spec
         retries = 0
         while True:
             for p in model.parameters():
                 p.grad = None
             scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
-            total = 0.0
-            for lo in range(0, n, micro_batch_size):
-                part = batch[lo: lo + micro_batch_size]
-                loss = training_loss(model, part, spec, self.precision)
-                (loss * (part.shape[0] / n * scale)).backward()
-                total += loss.item() * part.shape[0]
+            sums = []  # per group: the sum of its sequences' losses
+            for group in groups:
+                spec = None if model.spec == group.spec else group.spec
+                rows = batch if len(group.rows) == n else batch[list(group.rows)]
+                total = 0.0
+                for lo in range(0, rows.shape[0], micro_batch_size):
+                    part = rows[lo: lo + micro_batch_size]
+                    loss = training_loss(model, part, spec, self.precision)
+                    (loss * (part.shape[0] / n * scale)).backward()
+                    total += loss.item() * part.shape[0]
+                sums.append(total)
             grads = {name: p.grad for name, p in model.named_parameters()}
             if self.loss_scale is None or self.loss_scale.unscale([g for g in grads.values() if g is not None]):
                 break
             retries += 1
             log.info("fp16: gradients overflowed; computing the step again at loss scale %g", self.loss_scale.scale)
-        return TrainResult(grads=grads, loss=total / n, sequences=n, tokens=n * (batch.shape[1] - 1), seconds=0.0,
+        # the loss reported is the own spec's (what the metrics compare across clients of a tier)
+        own = groups[0] if groups[0].spec == self.spec else None
+        loss = sums[0] / len(own.rows) if own is not None else sum(sums) / n
+        return TrainResult(grads=grads, loss=loss, sequences=n, tokens=n * (batch.shape[1] - 1), seconds=0.0,
                            retries=retries)
 
     def encode(self, grads: dict[str, torch.Tensor | None], step: int, client_id: str) -> bytes:

@@ -216,6 +216,9 @@ function render(d) {
   // nested validation: x = the step each checkpoint holds, one line per tier width
   const nested = Object.entries(d.loss.val).map(([label, pts]) => ({label, points: pts, dashed: true, dots: true}));
   lineChart($("chart-val"), nested, {title: "validation loss per tier", empty: "no checkpoint evaluated yet"});
+  const worse = d.regressions || [];
+  $("val-warnings").textContent = worse.map(w => "warning: " + w).join(" ");
+  $("val-warnings").classList.toggle("hidden", !worse.length);
 
   const bw = d.bandwidth.map(b => [b.step, b.payload_bytes]);
   lineChart($("chart-bandwidth"), [{label: "payload bytes", points: bw, bars: true}],
