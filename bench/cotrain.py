@@ -89,8 +89,8 @@ class Settings:
     overlap: bool = False  # step s's gradient is taken before step s-1 is applied (the overlapped round)
     lookahead: bool = False  # overlapped: the gradient is taken at the weights plus the client's own guess of s-1
     joint: bool = False  # tier-0 clients also train the tier-1 width (sum of the two losses)
-    objective: str = "own"  # train.objective: own | sampled (every exported tier trained, per sequence)
-    own_share: float = 0.5  # train.own_share (sampled)
+    objective: str = "own"  # train.objective: own | sampled | sum (every exported tier trained)
+    own_share: float = 0.5  # train.own_share (sampled, sum)
     eval_every: int = 0  # > 0: held-out loss of every evaluated spec every this many steps (learning curves)
     orthogonalizer: str = "newton_schulz"  # muon
     muon_lr: float = 0.02
@@ -267,8 +267,9 @@ def parse_objectives(text: str) -> list[tuple[str, float]]:
     out = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         name, _, share = item.partition(":")
-        if name not in ("own", "sampled"):
-            raise SystemExit(f"error: --objectives item {item!r}: use own or sampled[:SHARE], e.g. own,sampled:0.5")
+        if name not in ("own", "sampled", "sum"):
+            raise SystemExit(f"error: --objectives item {item!r}: use own, sampled[:SHARE] or sum[:SHARE], "
+                             "e.g. own,sampled:0.5")
         try:
             value = float(share) if share else 0.5
         except ValueError:
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --overlap: take the gradient at the weights moved by the client's own last update")
     ap.add_argument("--joint", action="store_true", help="tier-0 clients train loss(tier 0) + loss(tier 1)")
     ap.add_argument("--objectives", default="own", help="comma-separated train.objective values to run every arm "
-                    "under: own, sampled[:OWN_SHARE] (default own; e.g. own,sampled:0.5)")
+                    "under: own, sampled[:OWN_SHARE], sum[:OWN_SHARE] (default own; e.g. own,sampled:0.5)")
     ap.add_argument("--eval-every", type=int, default=0, help="record held-out loss of every evaluated spec every "
                     "N steps (learning curves; default 0: at the end only)")
     ap.add_argument("--plot", default=None, help="write the learning curves (needs --eval-every) to this PNG")

@@ -140,3 +140,18 @@ def test_the_dashboard_history_warns_of_a_tier_that_got_worse():
                                                      {"tier0": 5.5, "tier2": 6.26}])])
     warnings = h.regressions()
     assert len(warnings) == 1 and warnings[0].startswith("tier2 got worse: held-out loss 6.2600 at step 30")
+
+
+def test_the_sum_objective_weights_every_sequence_at_every_tier(one_torch_thread):
+    replica = _replica("sum", **{"train.own_share": 0.6})
+    batch = _batch()
+    groups = replica.sequence_groups(batch.shape[0], None, "")
+    assert [(g.spec.name, len(g.rows), g.weight) for g in groups] == [
+        ("tier0", 6, 0.6), ("tier1", 6, pytest.approx(0.2)), ("tier2", 6, pytest.approx(0.2))]
+    result = replica.train(batch, 4)
+    model = build_model(CFG, seed=3)
+    ids, targets = batch[:, :-1], batch[:, 1:]
+    (0.6 * model.loss(ids, targets) + 0.2 * model.loss(ids, targets, tier_spec(CFG, 1))
+     + 0.2 * model.loss(ids, targets, tier_spec(CFG, 2))).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(result.grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -10,7 +10,9 @@ aggregation unchanged) and its step costs no more than before (narrower forwards
 `train.objective = "sampled"`: a client at spec S trains a share `train.own_share` of its sequences at S and the
 rest at the exported tiers strictly inside S, spread evenly. The split is systematic sampling over a
 pseudo-random order of the sequences, both from sha256 of (seed, run, step, client): the same on every machine,
-and each step's shares are within one sequence of the expected ones. `"own"`: every sequence at S.
+and each step's shares are within one sequence of the expected ones. `"sum"`: the same weights, but every
+sequence at every one of those specs (the exact expectation of "sampled", at the cost of a forward and
+backward per narrower tier). `"own"`: every sequence at S.
 
 Pure: geometry and hashes, no torch, no files.
 """
@@ -29,10 +31,12 @@ REGRESSION_MARGIN = 0.01  # a held-out loss this much above its best earlier val
 
 @dataclass(frozen=True)
 class SequenceGroup:
-    """The sequences of a client's batch (row indices, ascending) trained at `spec`."""
+    """The sequences of a client's batch (row indices, ascending) trained at `spec`; each sequence's loss
+    counts `weight` / (the batch's sequences) in the client's loss."""
 
     spec: TierSpec
     rows: tuple[int, ...]
+    weight: float = 1.0
 
 
 def narrower_exported(universal: MatFormerConfig, own: TierSpec, export_tiers: Sequence[int]) -> list[TierSpec]:
@@ -52,6 +56,10 @@ def split_batch(objective: str, own_share: float, own: TierSpec, narrower: Seque
     """Which of a batch's `sequences` rows train at which spec (own first; empty groups left out)."""
     if objective == "own" or not narrower or own_share >= 1.0:
         return [SequenceGroup(own, tuple(range(sequences)))]
+    if objective == "sum":
+        every = tuple(range(sequences))
+        rest = (1.0 - own_share) / len(narrower)
+        return [SequenceGroup(own, every, own_share), *(SequenceGroup(s, every, rest) for s in narrower)]
     order = sorted(range(sequences), key=lambda i: _unit(seed, run_id, step, client_id, "row", i))
     offset = _unit(seed, run_id, step, client_id, "offset")
     rows: dict[int, list[int]] = {}

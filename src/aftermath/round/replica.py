@@ -234,7 +234,7 @@ class Replica:
         narrower = narrower_exported(self.universal, self.spec, self.run.model.export_tiers)
         if train.objective == "own" or not narrower:
             return [SequenceGroup(self.spec, tuple(range(sequences)))]
-        if step is None:
+        if step is None and train.objective == "sampled":
             raise ConfigError("train.objective = \"sampled\" chooses each sequence's tier from the step and the "
                               "client id; pass step= and client_id= to Replica.train")
         return split_batch(train.objective, train.own_share, self.spec, narrower, sequences, self.run.seed,
@@ -262,7 +262,7 @@ class Replica:
                 for lo in range(0, rows.shape[0], micro_batch_size):
                     part = rows[lo: lo + micro_batch_size]
                     loss = training_loss(model, part, spec, self.precision)
-                    (loss * (part.shape[0] / n * scale)).backward()
+                    (loss * (part.shape[0] / n * group.weight * scale)).backward()
                     total += loss.item() * part.shape[0]
                 sums.append(total)
             grads = {name: p.grad for name, p in model.named_parameters()}
