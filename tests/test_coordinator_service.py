@@ -155,7 +155,7 @@ def test_a_round_through_the_routes(tmp_path):
         spec = tier_spec(service.keeper.config, 1)
         replica = Replica.build(model, service.keeper.config, spec, service.run)
         batch = torch.randint(0, 4096, (4, 17), generator=torch.Generator().manual_seed(0))
-        result = replica.train(batch, micro_batch_size=2)
+        result = replica.train(batch, micro_batch_size=2, step=0, client_id="alice")
         blob = replica.encode(result.grads, 0, "small")
         sha = hashlib.sha256(blob).hexdigest()
         async with s.put(f"{url}/blobs/{sha}", data=blob, headers=auth) as r:

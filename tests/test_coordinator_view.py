@@ -50,7 +50,7 @@ class Sim:
         model = sliced_model(build_model(CFG, seed=0), tier_spec(CFG, 3))
         replica = Replica.build(model, CFG, tier_spec(CFG, 3), small_run_config())
         batch = torch.randint(0, CFG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(hash(self.name) % 97))
-        blob = replica.encode(replica.train(batch, 2).grads, step, self.id)
+        blob = replica.encode(replica.train(batch, 2, step=step, client_id=self.id).grads, step, self.id)
         sha = hashlib.sha256(blob).hexdigest()
         async with s.put(f"{url}/blobs/{sha}", data=blob, headers=self.auth) as r:
             assert r.status in (200, 201)

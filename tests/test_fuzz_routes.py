@@ -176,7 +176,8 @@ def test_fuzz_every_route_no_5xx_and_the_round_goes_on(tmp_path):
         config = service.keeper.config
         spec = tier_spec(config, 1)
         replica = Replica.build(load_model_dir(service.run_dir / "checkpoint" / "model-tier1"), config, spec, run)
-        result = replica.train(torch.randint(0, 4096, (a1 - a0, 17), generator=torch.Generator().manual_seed(0)), 2)
+        result = replica.train(torch.randint(0, 4096, (a1 - a0, 17), generator=torch.Generator().manual_seed(0)), 2,
+                               step=0, client_id="honest")
         blob = replica.encode(result.grads, 0, "honest")
         sha = hashlib.sha256(blob).hexdigest()
         status, _ = request(port, "PUT", f"/blobs/{sha}", blob, {"Authorization": f"Bearer {session}"})

@@ -47,7 +47,7 @@ def test_the_published_update_gives_every_replica_the_bits_of_its_own_aggregatio
     own = {t: replica(run, t) for t in (0, 1, 2)}
     blob_fed = {t: replica(run, t) for t in (0, 1, 2)}
     for step in range(3):
-        blobs = [(f"c{t}", t, own[t].encode(own[t].train(batch(10 * step + t), 2).grads, step, f"c{t}"))
+        blobs = [(f"c{t}", t, own[t].encode(own[t].train(batch(10 * step + t), 2, step=step, client_id=f"c{t}").grads, step, f"c{t}"))
                  for t in (0, 1, 2)]
         payloads = [coordinator.decode(data, step, cid, tier_spec(CFG, t)) for cid, t, data in blobs]
         update = coordinator.round_update(payloads, step, accepted_digest([(c, "0" * 64) for c, _, _ in blobs]))
@@ -70,7 +70,7 @@ def test_a_region_update_computed_by_a_witness_matches_the_universal_one_on_its_
     run = RunConfig()
     coordinator, witness = replica(run, None), replica(run, 1)
     senders = {t: replica(run, t) for t in (0, 1)}
-    blobs = [(f"c{t}", t, s.encode(s.train(batch(t), 2).grads, 0, f"c{t}")) for t, s in senders.items()]
+    blobs = [(f"c{t}", t, s.encode(s.train(batch(t), 2, step=0, client_id=f"c{t}").grads, 0, f"c{t}")) for t, s in senders.items()]
     universal = coordinator.round_update([coordinator.decode(d, 0, c, tier_spec(CFG, t)) for c, t, d in blobs],
                                          0, "a" * 64)
     region = witness.round_update([witness.decode(d, 0, c, tier_spec(CFG, t)) for c, t, d in blobs], 0, "a" * 64)

@@ -45,8 +45,8 @@ def test_auto_is_fp32_on_the_cpu():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_gradients_are_close_to_fp32_and_not_equal(precision):
-    reference = replica("fp32").train(batch(), micro_batch_size=2).grads
-    result = replica(precision).train(batch(), micro_batch_size=2)
+    reference = replica("fp32").train(batch(), micro_batch_size=2, step=0, client_id="me").grads
+    result = replica(precision).train(batch(), micro_batch_size=2, step=0, client_id="me")
     assert all(g.dtype == torch.float32 for g in result.grads.values())  # fp32 gradients of fp32 weights
     overall, worst = relative_errors(result.grads, reference)
     bound_overall, bound_worst = TOLERANCE[precision]
@@ -59,7 +59,7 @@ def test_bf16_training_lowers_the_loss_and_keeps_fp32_weights():
     data = batch()
     losses = []
     for step in range(6):  # a lone client's rounds on one batch: train, encode, decode, apply
-        result = r.train(data, micro_batch_size=2)
+        result = r.train(data, micro_batch_size=2, step=step, client_id="me")
         losses.append(result.loss)
         own = r.decode(r.encode(result.grads, step, "me"), step, "me", SPEC)
         r.apply([own], step)
@@ -72,9 +72,9 @@ def test_bf16_training_lowers_the_loss_and_keeps_fp32_weights():
 def test_fp16_overflow_is_computed_again_at_a_lower_scale():
     r = replica("fp16")
     r.loss_scale.scale = 2.0 ** 40  # fp16's largest number is 65504: the backward overflows at this scale
-    result = r.train(batch(), micro_batch_size=2)
+    result = r.train(batch(), micro_batch_size=2, step=0, client_id="me")
     assert result.retries > 0 and r.loss_scale.scale < 2.0 ** 40
-    reference = replica("fp32").train(batch(), micro_batch_size=2).grads
+    reference = replica("fp32").train(batch(), micro_batch_size=2, step=0, client_id="me").grads
     overall, worst = relative_errors(result.grads, reference)  # the gradient of the batch, unscaled
     assert overall < TOLERANCE["fp16"][0] and worst < TOLERANCE["fp16"][1], (overall, worst)
 
@@ -86,7 +86,7 @@ def test_fp16_that_overflows_in_forward_sends_a_valid_zero_payload():
         for layer in r.model.model.layers:
             layer.mlp.up_proj.weight.mul_(1e3)
             layer.mlp.gate_proj.weight.mul_(1e3)
-    result = r.train(batch(), micro_batch_size=2)
+    result = r.train(batch(), micro_batch_size=2, step=0, client_id="me")
     assert result.retries == 2 and r.loss_scale.scale == 1.0
     assert all(torch.count_nonzero(g) == 0 for g in result.grads.values())
     payload = r.decode(r.encode(result.grads, 0, "me"), 0, "me", SPEC)  # a valid payload

@@ -27,11 +27,11 @@ def test_lookahead_gradient_is_taken_at_the_moved_weights_and_the_replica_is_res
     if tier:
         model = sliced_model(model, tier_spec(CFG, tier))
     replica = Replica.build(model, CFG, tier_spec(CFG, tier), run)
-    first = replica.train(batch(0), micro_batch_size=2)
+    first = replica.train(batch(0), micro_batch_size=2, step=0, client_id="me")
     own = replica.decode(replica.encode(first.grads, 0, "me"), 0, "me", tier_spec(CFG, tier))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    looked = replica.train(batch(1), micro_batch_size=2, lookahead=own)
+    looked = replica.train(batch(1), micro_batch_size=2, step=1, client_id="me", lookahead=own)
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(torch.equal(before[n], after[n]) for n in before)  # restored bit for bit
 
@@ -39,8 +39,8 @@ def test_lookahead_gradient_is_taken_at_the_moved_weights_and_the_replica_is_res
     moved = copy.deepcopy(model)
     other = Replica.build(moved, CFG, tier_spec(CFG, tier), run)
     other.apply([own], 0)
-    want = other.train(batch(1), micro_batch_size=2)
-    stale = replica.train(batch(1), micro_batch_size=2)
+    want = other.train(batch(1), micro_batch_size=2, step=1, client_id="me")
+    stale = replica.train(batch(1), micro_batch_size=2, step=1, client_id="me")
     for name, grad in looked.grads.items():
         assert torch.equal(grad, want.grads[name]), name
     assert any(not torch.equal(looked.grads[n], stale.grads[n]) for n in looked.grads)

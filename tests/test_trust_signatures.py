@@ -77,7 +77,7 @@ def test_commits_are_signed_for_the_assigned_batch_and_validated(tmp_path):
         spec = tier_spec(config, 1)
         replica = Replica.build(load_model_dir(service.run_dir / "checkpoint" / "model-tier1"), config, spec, service.run)
         batch = torch.randint(0, 4096, (a1 - a0, 17), generator=torch.Generator().manual_seed(0))
-        result = replica.train(batch, micro_batch_size=2)
+        result = replica.train(batch, micro_batch_size=2, step=0, client_id="alice")
         blob = replica.encode(result.grads, 0, "alice")
         sha = hashlib.sha256(blob).hexdigest()
         async with s.put(f"{url}/blobs/{sha}", data=blob, headers=auth_a) as r:

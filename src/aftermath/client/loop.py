@@ -631,7 +631,7 @@ class TrainingClient:
         self._fetch_ahead(first, start, end)
         lookahead = self._own_result(previous) if previous is not None else None
         result = await loop.run_in_executor(None, functools.partial(
-            self.replica.train, batch, self.plan.size, lookahead, step=step, client_id=self.client_id))
+            self.replica.train, batch, self.plan.size, step=step, client_id=self.client_id, lookahead=lookahead))
         t1 = time.perf_counter()
         blob = await loop.run_in_executor(None, self.replica.encode, result.grads, step, self.client_id)
         t_encode = time.perf_counter() - t1

@@ -200,12 +200,12 @@ class Replica:
         return cls(model, universal, spec, run, rule, device=device, checkpointing=checkpointing)
 
     # ------------------------------------------------------------------ training
-    def train(self, batch: torch.Tensor, micro_batch_size: int, lookahead: Payload | None = None, *,
-              step: int | None = None, client_id: str = "") -> TrainResult:
-        """Forward/backward of `batch` ([n, seq_len + 1] token ids) at this replica's spec, in micro-batches.
-
-        With `train.objective = "sampled"` some sequences train at the exported tiers inside this spec instead
-        (aftermath.round.objective), chosen from (`step`, `client_id`): the network client passes both.
+    def train(self, batch: torch.Tensor, micro_batch_size: int, *, step: int, client_id: str,
+              lookahead: Payload | None = None) -> TrainResult:
+        """Forward/backward of `batch` ([n, seq_len + 1] token ids), client `client_id`'s share of `step`, at
+        this replica's spec, in micro-batches. Under `train.objective` "sampled" or "sum" the exported tiers
+        inside this spec train too (aftermath.round.objective; "sampled" picks each sequence's tier from the
+        step and the client).
 
         `lookahead` (overlapped rounds): this replica's own payload of the step still in flight. The gradient is
         then taken where the weights are expected once that step lands (the payload applied alone, as Psyche's
@@ -228,15 +228,10 @@ class Replica:
         result.seconds = time.perf_counter() - start
         return result
 
-    def sequence_groups(self, sequences: int, step: int | None, client_id: str) -> list[SequenceGroup]:
+    def sequence_groups(self, sequences: int, step: int, client_id: str) -> list[SequenceGroup]:
         """Which rows of a batch of `sequences` train at which spec under the run's objective (own first)."""
         train = self.run.train
         narrower = narrower_exported(self.universal, self.spec, self.run.model.export_tiers)
-        if train.objective == "own" or not narrower:
-            return [SequenceGroup(self.spec, tuple(range(sequences)))]
-        if step is None and train.objective == "sampled":
-            raise ConfigError("train.objective = \"sampled\" chooses each sequence's tier from the step and the "
-                              "client id; pass step= and client_id= to Replica.train")
         return split_batch(train.objective, train.own_share, self.spec, narrower, sequences, self.run.seed,
                            self.run.run_id, step, client_id)
 
