@@ -29,7 +29,9 @@ def one_round(tmp_path: Path, micro: int | str, memory_limit: int | None) -> tup
     """The sha256 of the payload a lone tier-0 client commits at step 0, and its memory_plan record."""
     run = small_run_config(**{"optimizer.name": "adamw", "optimizer.dense": {"value_dtype": "float32"},
                               "schedule.total_steps": 1, "schedule.rounds_per_epoch": 1,
-                              "train.micro_batch_size": micro, "network.max_blob_bytes": 16 * 2**20})
+                              "train.micro_batch_size": micro, "network.max_blob_bytes": 16 * 2**20,
+                              # every sequence at tier 0, so that the micro-batch really splits the share
+                              "train.objective": "own"})
     records: list[dict] = []
 
     async def main() -> str:

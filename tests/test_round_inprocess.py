@@ -23,7 +23,7 @@ TOKEN = "in-process"
 
 
 def _run(tmp_path: Path, optimizer: str, precision: str = "auto",
-         objective: str = "own") -> tuple[RunSummary, list[dict], dict[str, str]]:
+         objective: str = "sampled") -> tuple[RunSummary, list[dict], dict[str, str]]:
     run = small_run_config(**{
         "optimizer.name": optimizer, "train.precision": precision, "train.objective": objective,
         "optimizer.lr": 1e-3, "optimizer.warmup_steps": 1,
@@ -59,10 +59,10 @@ def service_hashes(run_dir: Path) -> dict[str, str]:
 
 
 # bf16: the clients' gradients come from a bf16 forward; the replicas (fp32, applied on the CPU) stay identical.
-# sampled: the clients also train the exported tiers inside their own (aftermath.round.objective)
+# sampled (the default): the clients also train the exported tiers inside their own (aftermath.round.objective)
 @pytest.mark.parametrize("optimizer,precision,objective", [
-    ("distro", "auto", "own"), ("adamw", "auto", "own"), ("muon", "auto", "own"), ("distro", "bf16", "own"),
-    ("distro", "auto", "sampled")])
+    ("distro", "auto", "sampled"), ("adamw", "auto", "sampled"), ("muon", "auto", "sampled"),
+    ("distro", "bf16", "sampled"), ("distro", "auto", "own")])
 def test_every_same_tier_replica_ends_identical_including_a_late_joiner(tmp_path, optimizer, precision, objective,
                                                                         one_torch_thread):
     summary, results, reference = _run(tmp_path, optimizer, precision, objective)

@@ -93,13 +93,14 @@ class TrainSection(_Section):
         "replica stay fp32, so replicas stay bit-identical whatever each client uses). auto: bf16 on a CUDA GPU "
         "that has it, fp16 (with a dynamic loss scale) on an older one, fp32 on the CPU"))
     threads: int = Field(1, ge=1, description="torch threads per client process")
-    objective: Literal["own", "sampled", "sum"] = Field("own", description=(
+    objective: Literal["own", "sampled", "sum"] = Field("sampled", description=(
         "what a client wider than the narrowest exported tier trains. own: every sequence at its own tier. "
         "sampled (MatFormer's recipe): a share `own_share` of its sequences at its own tier, the rest spread "
         "over the exported tiers inside it, chosen per sequence from (seed, run, step, client), so every "
         "exported tier is trained as a model even when no client holds it. sum: every sequence at its own "
         "tier (weight own_share) and at each of those tiers (the rest, evenly): a forward and backward more "
-        "per narrower tier (aftermath.round.objective)"))
+        "per narrower tier (aftermath.round.objective). sampled is the default: measured in docs/results.md, it "
+        "keeps every exported tier improving and costs the wider tiers nothing"))
     own_share: float = Field(0.5, gt=0, le=1, description=(
         "objective sampled: the share of a client's sequences trained at its own tier; sum: its loss's weight"))
 
