@@ -54,7 +54,7 @@ def _unit(*parts: Any) -> float:
 def split_batch(objective: str, own_share: float, own: TierSpec, narrower: Sequence[TierSpec], sequences: int,
                 seed: int, run_id: str, step: int, client_id: str) -> list[SequenceGroup]:
     """Which of a batch's `sequences` rows train at which spec (own first; empty groups left out)."""
-    if objective == "own" or not narrower or own_share >= 1.0:
+    if objective == "own" or not narrower or own_share >= 1.0 or sequences == 0:
         return [SequenceGroup(own, tuple(range(sequences)))]
     if objective == "sum":
         every = tuple(range(sequences))
