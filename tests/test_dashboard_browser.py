@@ -161,12 +161,15 @@ def check_readable(page: DomReader) -> None:
         ticks = page.y_ticks.get(chart, [])
         assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), (chart, ticks)
     val = sorted(label for label in page.series["chart-val"])
-    assert val == ["tier0", "tier1", "tier2"], page.series  # evaluated at every tier width
+    # evaluated at every tier width and at the Mix'n'Match specs between adjacent tiers
+    assert val == ["mid0-1", "mid1-2", "mix0-1", "mix1-2", "tier0", "tier1", "tier2"], page.series
     shapes = {label: page.markers["chart-val"][label] for label in val}
-    assert all(len(s) == 1 for s in shapes.values()), shapes  # one marker shape per tier ...
-    assert len({next(iter(s)) for s in shapes.values()}) == 3, shapes  # ... a different one for each tier
+    assert all(len(s) == 1 for s in shapes.values()), shapes  # one marker shape per line ...
+    tiers = ["tier0", "tier1", "tier2"]
+    assert len({next(iter(shapes[t])) for t in tiers}) == 3, shapes  # ... a different one for each tier
     assert sorted(page.legend["chart-val"]) == sorted((label, next(iter(shapes[label]))) for label in val)
-    val_in_loss = [label for label in page.series["chart-loss"] if label.endswith(" validation")]
+    val_in_loss = [f"{t} validation" for t in tiers]
+    assert set(val_in_loss) <= set(page.series["chart-loss"]), page.series
     assert len({next(iter(page.markers["chart-loss"][label])) for label in val_in_loss}) == 3, page.markers
     assert page.events, page.events
     long_numbers = [e for e in page.events if re.search(r"\d\.\d{7}", e)]

@@ -117,9 +117,10 @@ class RunHistory:
                 for label, steps in sorted(self.train_loss.items())}
 
     def val_series(self) -> dict[str, list[list[float]]]:
-        """label -> [[step, validation loss], ...] at each epoch end (the step the checkpoint holds)."""
-        return {label: [[p["step"], round(p["loss"], 5)] for p in points]
-                for label, points in sorted(self.val_loss.items())}
+        """label -> [[step, validation loss], ...] at each epoch end (the step the checkpoint holds); the nested
+        tiers first, then the Mix'n'Match specs evaluated between them."""
+        order = sorted(self.val_loss.items(), key=lambda item: (not item[0].startswith("tier"), item[0]))
+        return {label: [[p["step"], round(p["loss"], 5)] for p in points] for label, points in order}
 
     def regressions(self) -> list[str]:
         """One line per exported tier or evaluated spec whose latest held-out loss is worse than its best."""
