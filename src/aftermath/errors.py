@@ -23,3 +23,7 @@ class PayloadError(AftermathError):
 
 class DataError(AftermathError):
     """Training data is missing, malformed or incompatible with the model."""
+
+
+class DataParallelError(AftermathError):
+    """A process of a data-parallel client (`client --nproc N`) failed or could not start."""

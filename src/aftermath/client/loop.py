@@ -52,11 +52,12 @@ from aftermath.checkpoint.hf_dir import load_model_dir
 from aftermath.checkpoint.manifest import Manifest
 from aftermath.checkpoint.optimizer_state import OPTIMIZER_STATE_FILE, load_optimizer_state
 from aftermath.checkpoint.schema import schema_hash
+from aftermath.client.data_parallel import DataParallelGroup
 from aftermath.client.decisions import DecisionCheck
 from aftermath.client.hooks import RoundHooks, TestHooks
 from aftermath.client.transport import CoordinatorError, Transport, Unreachable
 from aftermath.crypto import SignatureError, Signer, verify_commitment
-from aftermath.errors import AftermathError, CheckpointError, ConfigError
+from aftermath.errors import AftermathError, CheckpointError, ConfigError, DataParallelError
 from aftermath.faults import FaultConfig, FaultInjector
 from aftermath.metrics import MetricsWriter, peak_memory_bytes
 from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_spec, tier_spec
@@ -84,7 +85,8 @@ class ClientOptions:
     memory_limit: int | None = None  # bytes the step may use (--tier auto, micro-batch auto); default: free memory
     work_dir: Path = Path(".aftermath-client")
     metrics_path: Path | None = None
-    threads: int | None = None  # default: the run's train.threads
+    threads: int | None = None  # default: the run's train.threads (each process's, with nproc > 1)
+    nproc: int = 1  # processes (one per device) that compute each step together (aftermath.client.data_parallel)
     give_up_after: float = 300.0  # end with an error when the coordinator stays unreachable this long (at start too)
     on_update: Callable[[dict[str, Any]], None] | None = None  # called with each metrics record
     faults: FaultConfig | None = None  # injected latency, loss, bandwidth (aftermath.faults)
@@ -263,6 +265,7 @@ class TrainingClient:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.plan: MicroBatchPlan | None = None  # chosen at the first join, kept across joins
+        self.parallel: DataParallelGroup | None = None  # the other processes of this client (--nproc N)
 
     # ------------------------------------------------------------------ entry
     async def run_async(self) -> dict[str, Any]:
@@ -271,12 +274,17 @@ class TrainingClient:
             await self._join()
             beat = asyncio.create_task(self._heartbeats())
             try:
+                if self.opts.nproc > 1:  # its workers start while the heartbeats keep the session
+                    self.parallel = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                        DataParallelGroup, self.opts.nproc, self.device, self.opts.threads or self.run.train.threads))
                 result = await self._loop()
                 if self.witnessing:  # the last rounds' verdicts, before the session closes
                     await asyncio.wait(self.witnessing, timeout=30)
                 return result
             finally:
                 beat.cancel()
+                if self.parallel is not None:
+                    self.parallel.close()
                 self.metrics.close()
 
     def run_blocking(self) -> dict[str, Any]:
@@ -326,7 +334,8 @@ class TrainingClient:
         self.signer = Signer()
         request = JoinRequest(token=self.opts.token, name=self.opts.name, device=str(self.device),
                               memory_bytes=budget,
-                              throughput=1.0 * 2 ** (spec.tier or 0), schema_hash=schema_hash(config),
+                              throughput=1.0 * 2 ** (spec.tier or 0) * self.opts.nproc,
+                              schema_hash=schema_hash(config),
                               public_key=self.signer.public_hex, tier=tier, spec=None if tier is not None else spec_text)
         answer = await self.transport.call_model("POST", "/join", request, JoinAnswer, auth=False)
         self.transport.auth = answer.session
@@ -462,8 +471,8 @@ class TrainingClient:
                 self.failures += 1
                 log.warning("coordinator refused: %s", exc.message)  # e.g. too late for the round: go on
                 continue
-            except SignatureError:
-                raise  # an altered decision: asking again through the same path gets the same
+            except (SignatureError, DataParallelError):
+                raise  # an altered decision: asking again gets the same; a lost worker does not come back
             except AftermathError as exc:
                 # e.g. a blob of the accepted set cannot be fetched: never apply another set; retry on the next
                 # state, and if the round moves on without us, we resynchronise from the next checkpoint
@@ -561,8 +570,10 @@ class TrainingClient:
         def load() -> Replica:
             model = load_model_dir(local)  # the replica stays on the CPU; it trains on self.device
             state = load_optimizer_state(local / OPTIMIZER_STATE_FILE, optimizer)
-            return Replica.build(model, self.config, self.spec, self.run, state, device=self.device,
-                                 checkpointing=self.plan.checkpointing)
+            replica = Replica.build(model, self.config, self.spec, self.run, state, device=self.device,
+                                    checkpointing=self.plan.checkpointing)
+            replica.parallel = self.parallel
+            return replica
 
         self.replica = await asyncio.get_running_loop().run_in_executor(None, load)
         self.prefetched, self.own_blobs, self.pending_timing, self.details, self.updates = {}, {}, {}, {}, {}
@@ -655,7 +666,7 @@ class TrainingClient:
         self.pending_timing[step] = {"t_data": t_data, "batch_ahead": ahead, "t_train": result.seconds,
                                      "t_encode": t_encode, "t_upload": t_upload, "payload_bytes": len(blob),
                                      "loss": result.loss, "sequences": result.sequences, "tokens": result.tokens,
-                                     "retries": result.retries}
+                                     "retries": result.retries, "processes": result.processes}
         if previous is not None:
             await asyncio.wait([downloading])  # what it could not get, the apply fetches
 
@@ -792,7 +803,8 @@ class TrainingClient:
             t_prefetch=round(t_prefetch, 4), prefetched=prefetched, t_download=round(t_download, 4),
             t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4),
             data_plane=result.plane,
-            witness=result.witness, retries=timing.get("retries", 0), faults=self._faults())
+            witness=result.witness, retries=timing.get("retries", 0), processes=timing.get("processes", 1),
+            faults=self._faults())
         self._record(**record.model_dump(exclude={"time", "client_id", "tier", "spec"}))
         await self.transport.call("POST", "/applied", AppliedRequest(step=step).model_dump())
 

@@ -66,7 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", type=Path, help="write per-round metrics as JSON lines to this file")
     p.add_argument("--work-dir", type=Path, default=Path(".aftermath-client"),
                    help="where downloaded model files go (default ./.aftermath-client)")
-    p.add_argument("--threads", type=positive_int, help="torch threads (default: the run's train.threads)")
+    p.add_argument("--threads", type=positive_int, help="torch threads of each process (default: the run's "
+                   "train.threads)")
+    p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="train each step with N processes, one per device: N GPUs from --device (cuda:0 to "
+                   "cuda:N-1 with --device cuda), or N CPU processes. They split the client's share of every step "
+                   "and sum their gradients (torch.distributed: NCCL on GPUs, gloo on the CPU); the coordinator "
+                   "sees one client with one payload (default 1)")
     add_fault_arguments(p)
     p.add_argument("--give-up-after", type=positive_float, default=300.0, metavar="SECONDS",
                    help="end with an error when the coordinator stays unreachable this long (default 300)")
@@ -109,6 +115,7 @@ def fault_config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from aftermath.client.hooks import parse_crash_at
+    from aftermath.client.data_parallel import rank_devices
     from aftermath.client.loop import ClientOptions, TrainingClient, resolve_device
 
     check_http_url(args.coordinator, "--coordinator")
@@ -139,13 +146,14 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--tier {args.tier!r} must be a number or auto")
         if tier < 0:
             raise ConfigError(f"--tier {tier} must be 0 or more (0 = full width), or auto")
-    resolve_device(args.device)  # an absent or malformed device is refused before the coordinator is contacted
+    # an absent or malformed device, or too few GPUs for --nproc, is refused before the coordinator is contacted
+    rank_devices(resolve_device(args.device), args.nproc)
     if args.coordinator.startswith("https://"):
         check_coordinator_identity(args.coordinator, ssl_arg, args.give_up_after)
     options = ClientOptions(coordinator=args.coordinator, token=token, tier=tier, spec=args.spec, ssl=ssl_arg,
                             coordinator_key=args.coordinator_key,
                             name=args.name, device=args.device, memory_limit=parse_memory(args.memory_limit),
-                            work_dir=args.work_dir, metrics_path=args.metrics, threads=args.threads,
+                            work_dir=args.work_dir, metrics_path=args.metrics, threads=args.threads, nproc=args.nproc,
                             faults=fault_config_from_args(args), crash_at=parse_crash_at(args.crash_at),
                             perturb_at=args.perturb_at, give_up_after=args.give_up_after)
     result = TrainingClient(options).run_blocking()

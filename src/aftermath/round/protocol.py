@@ -451,4 +451,5 @@ class RoundRecord(Message):
         "how it got the round: every accepted payload, or the coordinator's update blob"))
     witness: bool = Field(False, description="it recomputed the published update from the payloads and attested it")
     retries: int = Field(0, description="fp16: micro-batches computed again at a lower loss scale (overflow)")
+    processes: int = Field(1, description="processes that computed the step (a data-parallel client's --nproc)")
     faults: dict[str, int]

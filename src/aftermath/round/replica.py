@@ -17,7 +17,9 @@ import hashlib
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -124,6 +126,38 @@ def training_loss(model: MatFormerLM, part: torch.Tensor, spec: TierSpec | None,
         return chunked_cross_entropy(hidden, model.head_weight(), part[:, 1:])
 
 
+def backward_groups(model: MatFormerLM, batch: torch.Tensor, groups: list[SequenceGroup],
+                    rows: list[Sequence[int]], micro_batch_size: int, precision: str, scale: float) -> list[float]:
+    """Forward/backward of the rows `rows[i]` of `batch` at `groups[i]`'s spec, in micro-batches, accumulating into
+    the parameters' `.grad`; each sequence's loss counts `group.weight / len(batch)` (times the loss `scale`). Run
+    on every row, it is the whole step's gradient; run by each process of a data-parallel client on its share of
+    the rows, the sum over processes is. Returns each group's sum of sequence losses over `rows`."""
+    n = batch.shape[0]
+    sums = []
+    for group, mine in zip(groups, rows):
+        spec = None if model.spec == group.spec else group.spec
+        part_rows = batch if len(mine) == n else batch[list(mine)]
+        total = 0.0
+        for lo in range(0, part_rows.shape[0], micro_batch_size):
+            part = part_rows[lo: lo + micro_batch_size]
+            loss = training_loss(model, part, spec, precision)
+            (loss * (part.shape[0] / n * group.weight * scale)).backward()
+            total += loss.item() * part.shape[0]
+        sums.append(total)
+    return sums
+
+
+class ParallelBackward(Protocol):
+    """Where a client's step is computed by several processes (aftermath.client.data_parallel): `backward` leaves
+    the whole batch's gradient in `model`'s `.grad` (as `backward_groups` over every row would) and returns each
+    group's loss sum. `world`: how many processes compute."""
+
+    world: int
+
+    def backward(self, model: MatFormerLM, batch: torch.Tensor, groups: list[SequenceGroup],
+                 micro_batch_size: int, precision: str, scale: float) -> list[float]: ...
+
+
 @dataclass
 class LossScale:
     """fp16's dynamic loss scale. The loss is multiplied by `scale` before backward so that small gradients do not
@@ -165,6 +199,7 @@ class TrainResult:
     tokens: int
     seconds: float
     retries: int = 0  # fp16: forward/backward passes run again at a lower loss scale after an overflow
+    processes: int = 1  # the processes that computed it (a data-parallel client's N)
 
 
 class Replica:
@@ -187,6 +222,7 @@ class Replica:
         self.loss_scale = LossScale() if self.precision == "fp16" else None
         self.compute = model if self.device.type == "cpu" else _device_copy(model, self.device)
         self.compute.activation_checkpointing = checkpointing
+        self.parallel: ParallelBackward | None = None  # set by a data-parallel client (`client --nproc N`)
 
     @classmethod
     def build(cls, model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec, run: RunConfig,
@@ -249,17 +285,11 @@ class Replica:
             for p in model.parameters():
                 p.grad = None
             scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
-            sums = []  # per group: the sum of its sequences' losses
-            for group in groups:
-                spec = None if model.spec == group.spec else group.spec
-                rows = batch if len(group.rows) == n else batch[list(group.rows)]
-                total = 0.0
-                for lo in range(0, rows.shape[0], micro_batch_size):
-                    part = rows[lo: lo + micro_batch_size]
-                    loss = training_loss(model, part, spec, self.precision)
-                    (loss * (part.shape[0] / n * group.weight * scale)).backward()
-                    total += loss.item() * part.shape[0]
-                sums.append(total)
+            if self.parallel is None:
+                sums = backward_groups(model, batch, groups, [g.rows for g in groups], micro_batch_size,
+                                       self.precision, scale)
+            else:
+                sums = self.parallel.backward(model, batch, groups, micro_batch_size, self.precision, scale)
             grads = {name: p.grad for name, p in model.named_parameters()}
             if self.loss_scale is None or self.loss_scale.unscale([g for g in grads.values() if g is not None]):
                 break
@@ -269,7 +299,7 @@ class Replica:
         own = groups[0] if groups[0].spec == self.spec else None
         loss = sums[0] / len(own.rows) if own is not None else sum(sums) / n
         return TrainResult(grads=grads, loss=loss, sequences=n, tokens=n * (batch.shape[1] - 1), seconds=0.0,
-                           retries=retries)
+                           retries=retries, processes=1 if self.parallel is None else self.parallel.world)
 
     def encode(self, grads: dict[str, torch.Tensor | None], step: int, client_id: str) -> bytes:
         # the sender state (DisTrO's momentum) lives on the CPU, whatever device trains
