@@ -15,11 +15,16 @@ Wires (all wire version 2: 12-bit packed indices for 64 x 64 chunks, a header of
 default, top-4 with 1-bit signs (Psyche's production setting); top-32 with 1-bit signs; top-32 with float32
 values (the settings of the version-1 default, which measured 42x below dense bf16 at gpt2-124m).
 
+Local steps (optimizer.local_steps H, `--local-steps 1,4,8`): a round sends one payload of the same size for H
+inner steps, so the bytes per inner step are the payload / H; the table gives them for the default wire.
+
 A real testnet (`--testnet-steps N`): two clients (tiers 0 and 1) per preset run N steps, and summary.json says
-how many bytes each sent in all (payloads, commits, heartbeats, state requests), per step.
+how many bytes each sent in all (payloads, commits, heartbeats, state requests), per step (per inner step with
+`--testnet-local-steps H`).
 
 Run:   .venv/bin/python bench/bandwidth.py --out bench/results/bandwidth.json   (small + gpt2-124m, ~10 s)
-       add --testnet-steps 12 --presets small for the real testnet (a few minutes)
+       add --testnet-steps 12 --presets small for the real testnet (a few minutes), and
+       --testnet-local-steps 4 for it to run 4 local steps per round
 Quick: .venv/bin/python bench/bandwidth.py --quick --out /tmp/bandwidth.json    (tiny + small)
 """
 
@@ -84,10 +89,10 @@ def round_traffic(sizes: list[int]) -> dict[str, float]:
     return {"up_max": max(sizes), "down_max": max(total - s for s in sizes), "total": len(sizes) * total}
 
 
-def testnet_bytes(preset: str, steps: int, console: Any) -> list[dict[str, Any]]:
-    """A real testnet (tiers 0 and 1, the default wire): bytes each client sent per step, from summary.json,
-    against the dense bf16 gradient of its region. Everything a client sends counts (payloads, commits,
-    heartbeats, state requests)."""
+def testnet_bytes(preset: str, steps: int, local_steps: int, console: Any) -> list[dict[str, Any]]:
+    """A real testnet (tiers 0 and 1, the default wire, `local_steps` per round): bytes each client sent per
+    (inner) step, from summary.json, against the dense bf16 gradient of its region. Everything a client sends
+    counts (payloads, commits, heartbeats, state requests)."""
     import tempfile
 
     from aftermath.model import parameter_count, preset_config, tier_spec
@@ -96,13 +101,15 @@ def testnet_bytes(preset: str, steps: int, console: Any) -> list[dict[str, Any]]
     cfg = preset_config(preset)
     with tempfile.TemporaryDirectory(prefix="aftermath-bandwidth-") as tmp:
         options = TestnetOptions(clients=2, tiers=[0, 1], steps=steps, out=Path(tmp) / "out", live=False, threads=1,
-                                 extra_overrides={"model.preset": preset, "schedule.rounds_per_epoch": steps})
+                                 extra_overrides={"model.preset": preset, "schedule.rounds_per_epoch": steps,
+                                                  "optimizer.local_steps": local_steps})
         summary = Testnet(options, console=console).run()
     rows = []
     for c in summary["clients"]:
         dense = 2 * parameter_count(cfg, tier_spec(cfg, c["tier"]))
-        per_step = c["bytes_up"] / max(1, c["rounds_contributed"])
+        per_step = c["bytes_up"] / max(1, c["rounds_contributed"]) / summary["local_steps"]
         rows.append({"preset": preset, "client": c["id"], "tier": c["tier"], "steps": c["rounds_contributed"],
+                     "local_steps": summary["local_steps"],
                      "bytes_up": c["bytes_up"], "bytes_up_per_step": per_step, "dense_bf16": dense,
                      "x_below_bf16": dense / per_step, "replicas_consistent": summary["replicas_consistent"]})
     return rows
@@ -116,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--testnet-steps", type=int, default=0,
                     help="also run a real testnet of this many steps per preset (tiers 0 and 1) and report the "
                          "bytes each client sent per step (default 0: none)")
+    ap.add_argument("--local-steps", default="1,4,8", help="comma-separated optimizer.local_steps H: bytes per "
+                    "inner step of the default wire at each (default 1,4,8)")
+    ap.add_argument("--testnet-local-steps", type=int, default=1,
+                    help="optimizer.local_steps of the real testnet (default 1: DisTrO)")
     ap.add_argument("--out", default="bench/results/bandwidth.json")
     args = ap.parse_args(argv)
 
@@ -160,21 +171,34 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['down_max'] / MB:.3f}", f"{r['total'] / MB:.3f}", f"{r['dense_fp32_total'] / MB:.1f}",
                  f"{r['dense_bf16_total'] / MB:.1f}", f"{r['ratio_vs_fp32']:.0f}", f"{r['ratio_vs_bf16']:.0f}"]
                 for r in rows]
-    real = [row for preset in presets for row in testnet_bytes(preset, args.testnet_steps, console)] \
+    default_wire = next(iter(WIRES))
+    hs = [int(h) for h in args.local_steps.split(",") if h.strip()]
+    local = [{"preset": r["preset"], "tier": r["tier"], "local_steps": h, "bytes_per_inner_step": r[default_wire] / h,
+              "x_below_bf16": r["dense_bf16"] * h / r[default_wire]} for r in sizes for h in hs]
+    local_cols = ["preset", "tier", "local steps H", "bytes per inner step", "x below dense bf16 per inner step"]
+    local_rows = [[r["preset"], r["tier"], r["local_steps"], round(r["bytes_per_inner_step"]),
+                   f"{r['x_below_bf16']:.0f}"] for r in local]
+    real = [row for preset in presets
+            for row in testnet_bytes(preset, args.testnet_steps, args.testnet_local_steps, console)] \
         if args.testnet_steps else []
-    real_cols = ["preset", "client", "tier", "steps", "bytes up per step", "dense bf16 (MB)", "x below bf16"]
-    real_rows = [[r["preset"], r["client"], r["tier"], r["steps"], round(r["bytes_up_per_step"]),
+    real_cols = ["preset", "client", "tier", "rounds", "local steps", "bytes up per inner step", "dense bf16 (MB)",
+                 "x below bf16"]
+    real_rows = [[r["preset"], r["client"], r["tier"], r["steps"], r["local_steps"], round(r["bytes_up_per_step"]),
                   f"{r['dense_bf16'] / MB:.1f}", f"{r['x_below_bf16']:.0f}"] for r in real]
     _common.print_table("One payload per tier (exact bytes)", size_cols, size_rows, console)
+    _common.print_table(f"Local steps: one payload per H inner steps ({default_wire})", local_cols, local_rows,
+                        console)
     if real:
         _common.print_table("A real testnet: everything each client sent, per step", real_cols, real_rows, console)
     _common.print_table("One round, 4 clients (each uploads its payload, downloads the 3 others)", mix_cols,
                         mix_rows, console)
     path = _common.write_json(args.out, {
         "benchmark": "bandwidth", "quick": args.quick, "complete": True, "wires": WIRES, "presets": presets,
-        "payloads": sizes, "rounds": rows, "testnet": real, "wall_seconds": round(time.perf_counter() - t0, 1),
+        "payloads": sizes, "rounds": rows, "local_steps": local, "testnet": real,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
         "markdown": {"payloads": _common.markdown_table(size_cols, size_rows),
                      "rounds": _common.markdown_table(mix_cols, mix_rows),
+                     "local_steps": _common.markdown_table(local_cols, local_rows),
                      "testnet": _common.markdown_table(real_cols, real_rows)},
     })
     console.print(f"wrote {path}")

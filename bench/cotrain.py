@@ -31,6 +31,9 @@ Muon: --orthogonalizer newton_schulz|polar_express, --muon-lr, --muon-bands nest
 whole-matrix Muon, tier-0-only arms).
 Remedies: --apply-mode raw, --average-over covering, --joint (tier-0 clients train loss(tier 0) + loss(tier 1)
 on the same batch, MatFormer's joint objective), --arms L+S2,S-own2 (tier-aware shares).
+Local steps (issue 15): --local-steps H --inner-lr LR: each round is H inner AdamW steps per client and one
+compressed pseudo-gradient (the network's own Replica.train); --steps counts inner steps, so arms compare at equal
+tokens with H = 1, and --lr is the outer (sign-apply) lr.
 Every exported tier trained (issue 23): --objectives own,sampled:0.5 runs each arm under each `train.objective`
 (sampled:S = own_share S; the network's own code, Replica.train), evaluates tier 2 and the Mix'n'Match specs
 between the tiers too, and --eval-every N records learning curves (--plot PNG draws them).
@@ -84,6 +87,7 @@ class Settings:
     average_over: str = "selected"
     topk: int = 32
     one_bit: bool = False  # 1-bit signs on the wire instead of raw values
+    value_dtype: str = "float32"  # wire type of raw values (one_bit False): float32 | bfloat16 | float16
     chunk: int = 64
     momentum_decay: float = 0.999
     overlap: bool = False  # step s's gradient is taken before step s-1 is applied (the overlapped round)
@@ -98,6 +102,8 @@ class Settings:
     eval_batches: int = 16
     eval_batch: int = 16
     threads: int = 1
+    local_steps: int = 1  # optimizer.local_steps: `steps` counts inner steps, a round takes local_steps of them
+    inner_lr: float = 1e-3  # optimizer.inner_lr (local_steps > 1)
 
 
 @dataclass(frozen=True)
@@ -112,11 +118,14 @@ def run_config(s: Settings, run_id: str) -> Any:
     from aftermath.runconfig import RunConfig
 
     overrides = {"run_id": run_id, "model.preset": s.preset, "optimizer.name": s.optimizer, "optimizer.lr": s.lr,
-                 "optimizer.schedule": "constant", "optimizer.warmup_steps": 0, "schedule.total_steps": s.steps,
+                 "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
+                 "schedule.total_steps": s.steps // s.local_steps, "optimizer.local_steps": s.local_steps,
+                 "optimizer.inner_lr": s.inner_lr,
                  "data.seq_len": s.seq_len, "train.objective": s.objective, "train.own_share": s.own_share,
                  "model.export_tiers": list(EXPORT_TIERS)}
     if s.optimizer == "distro":
         overrides["optimizer.distro"] = {"topk": s.topk, "one_bit": s.one_bit, "chunk": s.chunk,
+                                         "value_dtype": s.value_dtype,
                                          "momentum_decay": s.momentum_decay,
                                          "apply_mode": s.apply_mode, "average_over": s.average_over}
     if s.optimizer == "muon":
@@ -147,8 +156,12 @@ def run_job(job: Job) -> dict[str, Any]:
     val = TokenStream(data_dir, s.seq_len, seed=0, split="val", vocab_size=cfg.vocab_size)
     init = build_model(cfg, seed=1000 + job.seed)
     specs = {t: tier_spec(cfg, t) for t in EXPORT_TIERS}
-    if s.objective != "own" and (s.lookahead or s.joint):
-        raise ValueError("--objectives other than own train through Replica.train: not with --lookahead or --joint")
+    if (s.objective != "own" or s.local_steps > 1) and (s.lookahead or s.joint or s.overlap):
+        raise ValueError("--objectives other than own and --local-steps train through Replica.train: not with "
+                         "--lookahead, --joint or --overlap")
+    if s.steps % s.local_steps:
+        raise ValueError(f"--steps {s.steps} must be a multiple of --local-steps {s.local_steps}")
+    inner = s.local_steps
 
     clients = []
     for i, plan in enumerate(ARMS[job.arm]):
@@ -189,13 +202,15 @@ def run_job(job: Job) -> dict[str, Any]:
                 u = update[n]
                 p[tuple(slice(0, d) for d in u.shape)] -= lr * torch.sign(u)
         return saved
-    for step in range(s.steps):
+    # a round (step) trains `inner` steps' worth of data: with local steps a client's batch is its slots of
+    # inner steps step*inner .. step*inner + inner - 1, in order, which Replica.train splits into its inner batches
+    for step in range(s.steps // inner):
         blobs = []
         step_loss = 0.0
         for c in clients:
             model, plan = c["model"], c["plan"]
-            seqs = torch.cat([train.sequences(step * stride + k * s.batch, step * stride + (k + 1) * s.batch)
-                              for k in plan.slots])
+            seqs = torch.cat([train.sequences(i * stride + k * s.batch, i * stride + (k + 1) * s.batch)
+                              for i in range(step * inner, (step + 1) * inner) for k in plan.slots])
             for p in model.parameters():
                 p.grad = None
             saved = None
@@ -203,7 +218,7 @@ def run_job(job: Job) -> dict[str, Any]:
                 # the gradient is taken where this client expects the weights once the step in flight lands:
                 # the sign of its own last payload, at that step's lr (its replica is restored right after)
                 saved = lookahead(c, pending)
-            if s.objective == "own":
+            if s.objective == "own" and inner == 1:
                 loss = model.loss(seqs[:, :-1], seqs[:, 1:])
                 total = loss
                 if s.joint and plan.tier == 0:
@@ -216,7 +231,7 @@ def run_job(job: Job) -> dict[str, Any]:
                 step_loss += float(loss.detach())
                 grads = {n: p.grad for n, p in model.named_parameters()}
             else:  # the network client's own training step, objective included
-                trained = c["replica"].train(seqs, seqs.shape[0], step=step, client_id=c["id"])
+                trained = c["replica"].train(seqs, seqs.shape[0] // inner, step=step, client_id=c["id"])
                 step_loss += trained.loss
                 grads = trained.grads
             blobs.append((c["id"], c["spec"], c["replica"].encode(grads, step, c["id"])))
@@ -227,10 +242,11 @@ def run_job(job: Job) -> dict[str, Any]:
             pending = (step, blobs)
         else:
             apply_all(step, blobs)
-        if step % 10 == 0 or step == s.steps - 1:
-            train_losses.append((step, step_loss / len(clients)))
-        if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
-            curve.append({"step": step + 1, "val_loss": held_out()})
+        done = (step + 1) * inner  # inner steps trained so far: the x axis of every arm
+        if step % 10 == 0 or done == s.steps:
+            train_losses.append((step * inner, step_loss / len(clients)))
+        if s.eval_every and done % s.eval_every < inner and done < s.steps:
+            curve.append({"step": done, "val_loss": held_out()})
 
     if pending is not None:
         apply_all(*pending)
@@ -392,13 +408,16 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
     table_rows = [[r["arm"], f"{r['lr']:g}", r["objective"], r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
                    pm(r["tier1_loss"], r["tier1_loss_std"]), "yes" if r["replicas_agree"] else "NO",
                    round(r["seconds"])] for r in rows]
-    wire = (f"top-{settings.topk}{' 1-bit' if settings.one_bit else ''}, chunk {settings.chunk}, "
+    wire = (f"top-{settings.topk}{' 1-bit' if settings.one_bit else ' ' + settings.value_dtype}, "
+            f"chunk {settings.chunk}, "
             f"decay {settings.momentum_decay:g}"
             f"{', overlapped' if settings.overlap else ''}{' + look-ahead' if settings.lookahead else ''}")
     if settings.optimizer == "muon":
         wire = f"{settings.orthogonalizer}, muon lr {settings.muon_lr:g}, {settings.muon_bands} bands"
     elif settings.optimizer == "adamw":
         wire = "dense gradients"
+    if settings.local_steps > 1:
+        wire += f", {settings.local_steps} local AdamW steps per round at inner lr {settings.inner_lr:g}"
     _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {wire}, {settings.apply_mode}, "
                         f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
                         console)
@@ -480,12 +499,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--average-over", default="selected", choices=["selected", "covering"])
     ap.add_argument("--topk", type=int, default=32, help="DisTrO coefficients kept per chunk")
     ap.add_argument("--one-bit", action="store_true", help="send 1-bit signs instead of raw values")
+    ap.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="wire type of the raw values without --one-bit (default float32)")
     ap.add_argument("--chunk", type=int, default=64, help="DisTrO chunk size")
     ap.add_argument("--momentum-decay", type=float, default=0.999, help="DisTrO momentum decay (default 0.999)")
     ap.add_argument("--overlap", action="store_true",
                     help="overlapped rounds: each step's gradient is taken before the previous step is applied")
     ap.add_argument("--lookahead", action="store_true",
                     help="with --overlap: take the gradient at the weights moved by the client's own last update")
+    ap.add_argument("--local-steps", type=int, default=1, help="optimizer.local_steps H (distro): each round "
+                    "is H inner AdamW steps per client, and --steps counts inner steps (equal tokens with H = 1)")
+    ap.add_argument("--inner-lr", type=float, default=1e-3, help="optimizer.inner_lr with --local-steps > 1")
     ap.add_argument("--joint", action="store_true", help="tier-0 clients train loss(tier 0) + loss(tier 1)")
     ap.add_argument("--objectives", default="own", help="comma-separated train.objective values to run every arm "
                     "under: own, sampled[:OWN_SHARE], sum[:OWN_SHARE] (default own; e.g. own,sampled:0.5)")
@@ -514,8 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         seq_len=args.seq_len or (32 if quick else 128), batch=args.batch or (4 if quick else 8),
         optimizer=args.optimizer, lr=lrs[0], orthogonalizer=args.orthogonalizer, muon_lr=args.muon_lr,
         muon_bands=args.muon_bands, apply_mode=args.apply_mode, average_over=args.average_over,
-        topk=args.topk, one_bit=args.one_bit, chunk=args.chunk, momentum_decay=args.momentum_decay,
+        topk=args.topk, one_bit=args.one_bit, value_dtype=args.value_dtype, chunk=args.chunk, momentum_decay=args.momentum_decay,
         overlap=args.overlap, lookahead=args.lookahead, joint=args.joint, eval_every=args.eval_every,
+        local_steps=args.local_steps, inner_lr=args.inner_lr,
         eval_batches=args.eval_batches or (2 if quick else 16),
         eval_batch=8 if quick else 16)
     seeds = [int(x) for x in (args.seeds or ("0" if quick else "0,1,2")).split(",")]

@@ -41,6 +41,7 @@ Run:   .venv/bin/python bench/overhead.py --out bench/results/overhead.json
 Quick: .venv/bin/python bench/overhead.py --quick --out /tmp/overhead.json
        (tiny preset, 6 steps, both links, overlap only, 1 repeat; ~1 min)
 One:   --link home --schedule overlap --repeats 1 (one testnet)
+Local steps: --local-steps 4 (a round is 4 inner steps; the plain loops train one inner step's batch per step)
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def network_rates(out: Path, warmup: int = 1, tail: int = 1) -> list[dict[str, A
 
 
 def run_testnet(out: Path, *, preset: str, tiers: list[int], steps: int, link: str, overlap: bool,
-                timeout: float, console) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
+                timeout: float, console, local_steps: int = 1) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
     """One testnet run; (its summary, its run config, network_rates of its clients)."""
     import tomllib
 
@@ -128,7 +129,7 @@ def run_testnet(out: Path, *, preset: str, tiers: list[int], steps: int, link: s
     options = TestnetOptions(clients=len(tiers), tiers=tiers, steps=steps, out=out, live=False, threads=1,
                              timeout=timeout, faults=faults, tls=link.endswith("-tls"),
                              extra_overrides={"schedule.rounds_per_epoch": steps, "model.preset": preset,
-                                              "schedule.overlap": overlap})
+                                              "schedule.overlap": overlap, "optimizer.local_steps": local_steps})
     summary = Testnet(options, console=console).run()
     run = parse_run_config(tomllib.loads((out / "logs" / "run.toml").read_text()))
     return summary, run, network_rates(out)
@@ -398,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="testnet rounds and plain-loop steps (default 12; "
                     "6 with --quick)")
     ap.add_argument("--tiers", default="0,1", help="one client per tier (default 0,1)")
+    ap.add_argument("--local-steps", type=int, default=1, help="optimizer.local_steps H of the testnet (default 1: "
+                    "DisTrO); its plain loops train one inner step's sequences per step")
     ap.add_argument("--timeout", type=float, default=900.0, help="give up on one testnet after this many seconds")
     ap.add_argument("--keep", type=Path, default=None, help="keep each testnet's output under this directory")
     ap.add_argument("--out", default="bench/results/overhead.json")
@@ -435,13 +438,15 @@ def main(argv: list[str] | None = None) -> int:
                         out = args.keep / label.replace("/", "-") if args.keep else Path(tmp)
                         summary, run_info, network = run_testnet(
                             out, preset=preset, tiers=tiers, steps=steps, link=link,
-                            overlap=SCHEDULES[schedule], timeout=args.timeout, console=console)
+                            overlap=SCHEDULES[schedule], timeout=args.timeout, console=console,
+                            local_steps=args.local_steps)
                     record["loadavg_after_testnet"] = _loadavg()
                     record["testnet_summary"] = {k: summary.get(k) for k in
                                                  ("steps", "replicas_consistent", "wall_seconds", "faults")}
                     console.log(f"{label}: {len(network)} clients measured; plain loops side by side")
                     jobs = [{"preset": run_info.model.preset, "tier": row["tier"],
-                             "sequences": max(1, round(row["tokens_per_round"] / run_info.data.seq_len)),
+                             "sequences": max(1, round(row["tokens_per_round"] / run_info.data.seq_len
+                                                       / run_info.optimizer.local_steps)),
                              "seq_len": run_info.data.seq_len, "micro": plain_micro(run_info, row["tier"]),
                              "steps": steps, "lr": run_info.optimizer.lr} for row in network]
                     plain = side_by_side(jobs) if jobs else []
@@ -463,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     complete = bool(runs) and all(r["complete"] for r in runs)
     path = _common.write_json(args.out, {
         "benchmark": "overhead", "quick": args.quick, "complete": complete, "preset": preset, "steps": steps,
-        "tiers": tiers, "repeats": repeats, "links": {k: LINKS[k] for k in links}, "schedules": schedules,
+        "tiers": tiers, "local_steps": args.local_steps, "repeats": repeats, "links": {k: LINKS[k] for k in links}, "schedules": schedules,
         "seq_len": run_info.data.seq_len if run_info else None,
         "optimizer": run_info.optimizer.name if run_info else None,
         "summary": summary_rows, "runs": runs, "wall_seconds": round(time.perf_counter() - t0, 1),

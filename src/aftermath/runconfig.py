@@ -48,7 +48,8 @@ class ScheduleSection(_Section):
     cooldown_time: float = Field(60.0, gt=0, description="longest wait at an epoch end for the replica hash reports")
     rounds_per_epoch: int = Field(20, ge=1, description="rounds (optimizer steps) per epoch; a checkpoint ends each")
     epoch_time: float = Field(0.0, ge=0, description="if > 0, an epoch also ends after this many seconds")
-    global_batch_size: int = Field(32, ge=1, description="sequences per optimizer step, split among the round's clients")
+    global_batch_size: int = Field(32, ge=1, description="sequences per optimizer step, split among the round's "
+                                   "clients (with optimizer.local_steps H: per inner step; a round carries H x it)")
     total_steps: int = Field(40, ge=1, description="optimizer steps of the whole run")
     heartbeat_interval: float = Field(1.0, gt=0, description="how often clients send a heartbeat")
     heartbeat_timeout: float = Field(15.0, gt=0, description="a client silent this long is dropped")
@@ -80,6 +81,22 @@ class OptimizerSection(_Section):
     dense: dict[str, Any] = Field(default_factory=dict, description=(
         "further aftermath.optim.DenseConfig fields (adamw / muon): beta1, beta2, eps, muon_lr, muon_momentum, "
         "orthogonalizer, ortho_steps, ortho_dtype, muon_bands, value_dtype; empty = their defaults"))
+    local_steps: int = Field(1, ge=1, le=1000, description=(
+        "distro only: inner optimizer steps per round (SparseLoCo/DiLoCo outer rounds). 1: DisTrO, one exchange "
+        "per step. H > 1: each client runs H local AdamW steps on its share (H inner batches of its range), then "
+        "sends the compressed pseudo-gradient (weights at the round's start minus after the H steps) of its "
+        "region; `lr` is then the outer (sign-apply) learning rate. A round carries H x global_batch_size "
+        "sequences (docs/distro.md \"Local steps\")"))
+    inner_lr: float = Field(1e-3, gt=0, description=(
+        "local_steps > 1: peak learning rate of the inner AdamW (its state stays on the client; it follows the "
+        "same warmup and schedule shape as `lr`)"))
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimizerSection":
+        if self.local_steps > 1 and self.name != "distro":
+            raise ValueError(f"local_steps {self.local_steps} needs optimizer.name = \"distro\" (the outer "
+                             f"round's pseudo-gradient is DisTrO-compressed); set local_steps = 1 for {self.name}")
+        return self
 
 
 class TrainSection(_Section):
@@ -201,6 +218,11 @@ class RunConfig(_Section):
             raise ValueError(f"schedule.init_min_clients {self.schedule.init_min_clients} is below "
                              f"schedule.min_clients {self.schedule.min_clients}")
         return self
+
+    @property
+    def sequences_per_round(self) -> int:
+        """Sequences one round trains, split among its clients: a global batch per inner step."""
+        return self.schedule.global_batch_size * self.optimizer.local_steps
 
     def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
         """A copy with dotted-key overrides applied, e.g. {"schedule.total_steps": 10}. None values are skipped."""

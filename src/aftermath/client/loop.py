@@ -139,7 +139,7 @@ def available_memory(device: torch.device) -> int:
 
 def estimate_memory(config: MatFormerConfig, spec: TierSpec, micro_batch: int, seq_len: int,
                     optimizer: str = "distro", *, precision: str = "fp32", checkpointing: bool = False,
-                    gpu: bool = False) -> int:
+                    gpu: bool = False, local: bool = False) -> int:
     """Estimated peak bytes of one training step of a sliced tier on its training device.
 
     On the CPU: fp32 weights, gradients, the update rule's state (AdamW/Muon 2 copies, DisTrO's momentum 1), and
@@ -150,9 +150,13 @@ def estimate_memory(config: MatFormerConfig, spec: TierSpec, micro_batch: int, s
     with checkpointing only each layer's input (4d) is kept and one layer's activations are recomputed at a time.
     The loss (aftermath.model.loss) adds a vocabulary x width fp32 head gradient held from forward to backward,
     12d per token, and its larger transient: a chunk's fp32 logits (one, softmax runs in place, plus a
-    half-precision copy) or, in backward, two more vocabulary x width copies (the tied embedding's gradients)."""
+    half-precision copy) or, in backward, two more vocabulary x width copies (the tied embedding's gradients).
+    `local` (optimizer.local_steps > 1): the inner AdamW's two moments and the round's starting weights where it
+    trains, and on the CPU the weights restored after the round too."""
     params = parameter_count(config, spec)
     state = 1 if optimizer == "distro" else 2
+    if local:  # the inner AdamW's moments and the round's starting weights, where it trains
+        state += 3
     d, vocab, tokens = config.hidden_size, config.vocab_size, micro_batch * seq_len
     half = precision in ("bf16", "fp16")
     per_layer = []
@@ -164,7 +168,7 @@ def estimate_memory(config: MatFormerConfig, spec: TierSpec, micro_batch: int, s
     layers = len(per_layer) * 4 * d * tokens + max(per_layer) if checkpointing else sum(per_layer)
     head = vocab * d * 4
     loss = head + 12 * d * tokens + max(min(tokens, chunk_tokens(vocab)) * vocab * (6 if half else 4), 2 * head)
-    held = params * 4 * (2 if gpu else 2 + state)
+    held = params * 4 * ((2 + 3 * local) if gpu else 2 + state + local)  # local, CPU: the weights to restore too
     return held + layers + layer_weights + loss
 
 
@@ -175,11 +179,11 @@ def host_memory(config: MatFormerConfig, spec: TierSpec, optimizer: str = "distr
 
 
 def choose_tier(config: MatFormerConfig, budget: int, micro_batch: int, seq_len: int, optimizer: str, *,
-                precision: str = "fp32", gpu: bool = False) -> int:
+                precision: str = "fp32", gpu: bool = False, local: bool = False) -> int:
     """The widest tier whose estimated step fits `budget` bytes (raises when not even the smallest fits)."""
     def need(t: int) -> int:
         return estimate_memory(config, tier_spec(config, t), micro_batch, seq_len, optimizer, precision=precision,
-                               gpu=gpu)
+                               gpu=gpu, local=local)
 
     for t in range(max_tier(config) + 1):
         if need(t) <= budget:
@@ -200,7 +204,8 @@ class MicroBatchPlan:
 
 
 def choose_micro_batch(config: MatFormerConfig, spec: TierSpec, budget: int, seq_len: int, optimizer: str,
-                       largest: int, *, precision: str = "fp32", gpu: bool = False) -> MicroBatchPlan | None:
+                       largest: int, *, precision: str = "fp32", gpu: bool = False,
+                       local: bool = False) -> MicroBatchPlan | None:
     """The largest power of two, at most `largest` (a client never trains more sequences per step), whose
     estimated step fits `budget`; with activation checkpointing only when not even 1 fits without. None when
     nothing fits. Powers of two split the usual power-of-two shares of a global batch evenly."""
@@ -208,7 +213,7 @@ def choose_micro_batch(config: MatFormerConfig, spec: TierSpec, budget: int, seq
         size = 1 << (max(1, largest).bit_length() - 1)
         while size >= 1:
             need = estimate_memory(config, spec, size, seq_len, optimizer, precision=precision,
-                                   checkpointing=checkpointing, gpu=gpu)
+                                   checkpointing=checkpointing, gpu=gpu, local=local)
             if need <= budget:
                 return MicroBatchPlan(size, checkpointing, need)
             size //= 2
@@ -328,7 +333,7 @@ class TrainingClient:
             micro = run.train.micro_batch_size
             tier = choose_tier(config, int(budget * HEADROOM), 1 if micro == "auto" else micro, run.data.seq_len,
                                run.optimizer.name, precision=resolve_precision(run.train.precision, self.device),
-                               gpu=self.device.type == "cuda")
+                               gpu=self.device.type == "cuda", local=run.optimizer.local_steps > 1)
             log.info("--tier auto: %.0f MiB available on %s -> tier %d", budget / 2**20, self.device, tier)
         spec = tier_spec(config, tier) if tier is not None else parse_spec(config, spec_text)
         self.signer = Signer()
@@ -361,7 +366,7 @@ class TrainingClient:
         run, config, spec = self.run, self.config, self.spec
         gpu = self.device.type == "cuda"
         precision = resolve_precision(run.train.precision, self.device)
-        common = dict(precision=precision, gpu=gpu)
+        common = dict(precision=precision, gpu=gpu, local=run.optimizer.local_steps > 1)
         micro = run.train.micro_batch_size
         if micro != "auto":
             plan = MicroBatchPlan(micro, False, estimate_memory(config, spec, micro, run.data.seq_len,
@@ -608,7 +613,7 @@ class TrainingClient:
         starts without a round trip to the data server. A range outside the window is fetched as usual."""
         if self.stream is not None:
             return
-        batch = self.run.schedule.global_batch_size
+        batch = self.run.sequences_per_round
         margin = max(2, (end - start) // 4)
         lo = max(first + batch, start + batch - margin)
         hi = min(first + 2 * batch, end + batch + margin)
@@ -666,7 +671,8 @@ class TrainingClient:
         self.pending_timing[step] = {"t_data": t_data, "batch_ahead": ahead, "t_train": result.seconds,
                                      "t_encode": t_encode, "t_upload": t_upload, "payload_bytes": len(blob),
                                      "loss": result.loss, "sequences": result.sequences, "tokens": result.tokens,
-                                     "retries": result.retries, "processes": result.processes}
+                                     "retries": result.retries, "processes": result.processes,
+                                     "inner_steps": result.inner_steps}
         if previous is not None:
             await asyncio.wait([downloading])  # what it could not get, the apply fetches
 
@@ -804,7 +810,7 @@ class TrainingClient:
             t_decode=round(t_decode, 4), t_aggregate=round(t_aggregate, 4),
             data_plane=result.plane,
             witness=result.witness, retries=timing.get("retries", 0), processes=timing.get("processes", 1),
-            faults=self._faults())
+            inner_steps=timing.get("inner_steps", 1), faults=self._faults())
         self._record(**record.model_dump(exclude={"time", "client_id", "tier", "spec"}))
         await self.transport.call("POST", "/applied", AppliedRequest(step=step).model_dump())
 

@@ -78,7 +78,7 @@ def resume_point(run: RunConfig, run_dir: Path, checkpoint_info: dict[str, Any],
                               f"values, or pass --force-resume to go on with the new ones")
         for change in changes:
             log.warning("resuming with a changed config: %s", change)
-    batch = run.schedule.global_batch_size
+    batch = run.sequences_per_round
     if previous is None:
         if checkpoint_info.get("epoch", -1) >= 0 and checkpoint_info.get("run_id") == run.run_id:
             # killed after the first epoch's checkpoint but before state.json existed

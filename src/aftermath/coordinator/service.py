@@ -172,10 +172,12 @@ class CoordinatorService:
                                                        force=force_resume)
         self.checks = ReplicaChecks()
         if self.resume is None:
-            self.machine = RunStateMachine(run.schedule, clock(), run_id=run.run_id)
+            self.machine = RunStateMachine(run.schedule, clock(), run_id=run.run_id,
+                                           sequences_per_round=run.sequences_per_round)
         else:
             self.machine = RunStateMachine(run.schedule, clock(), run_id=run.run_id, step=self.resume.step,
-                                           epoch=self.resume.epoch + 1, data_position=self.resume.data_position)
+                                           epoch=self.resume.epoch + 1, data_position=self.resume.data_position,
+                                           sequences_per_round=run.sequences_per_round)
             self._restore_history(self.resume)
         self.codec = build_codec(run, self.keeper.config)  # checks every commit's payload before it is accepted
         self.blobs = BlobStore(run.network.max_blob_bytes)  # the rounds in flight, in memory
@@ -401,8 +403,8 @@ class CoordinatorService:
         if self.data_dir is not None and self.run.data.source == "coordinator":
             from aftermath.data.server import add_data_routes
 
-            # one client's request is at most one step's batch at the run's sequence length: nothing larger
-            batch, seq_len = self.run.schedule.global_batch_size, self.run.data.seq_len
+            # one client's request is at most one round's sequences at the run's sequence length: nothing larger
+            batch, seq_len = self.run.sequences_per_round, self.run.data.seq_len
             add_data_routes(app, self.data_dir, max_sequences=batch, max_seq_len=seq_len,
                             max_tokens=batch * (seq_len + 1))
         from aftermath.dashboard import add_dashboard_routes  # GET / (the page), /api/dashboard, pause/resume
@@ -595,7 +597,8 @@ class CoordinatorService:
                                      rejected=self.rejected, rate_limited=self.limiter.limited,
                                      checkpoint=str(self.run_dir / CHECKPOINT_DIR),
                                      updates_published=self.updates_published,
-                                     updates_witnessed=self.updates_witnessed, update_disputes=self.update_disputes)
+                                     updates_witnessed=self.updates_witnessed, update_disputes=self.update_disputes,
+                                     local_steps=self.run.optimizer.local_steps)
         write_json_atomic(self.run_dir / SUMMARY_FILE, self.summary.model_dump(mode="json"))
         save_state(self.run_dir, self._persisted(finished=True))
         self.metrics.write(event="summary", replicas_consistent=self.summary.replicas_consistent,

@@ -164,12 +164,14 @@ class RunStateMachine:
     """The run, as a pure state machine. `now` is injected into every call (seconds, any monotonic clock)."""
 
     def __init__(self, schedule: ScheduleSection, now: float, *, run_id: str = "run", step: int = 0, epoch: int = 0,
-                 data_position: int | None = None) -> None:
+                 data_position: int | None = None, sequences_per_round: int | None = None) -> None:
         self.schedule = schedule
         self.run_id = run_id
+        # a round's sequences: the global batch, times the inner steps of a local-steps run (RunConfig)
+        self.sequences_per_round = sequences_per_round or schedule.global_batch_size
         # the first global sequence of `step` (a resumed run goes on where its data stopped, even when the
-        # global batch size changed): step s reads from origin + (s - step) * global_batch_size
-        self._data_origin = (step, step * schedule.global_batch_size if data_position is None else data_position)
+        # round's size changed): step s reads from origin + (s - step) * sequences_per_round
+        self._data_origin = (step, step * self.sequences_per_round if data_position is None else data_position)
         self.phase = Phase.WAITING_FOR_MEMBERS
         self.phase_started = now
         self.quorum_since: float | None = None
@@ -193,7 +195,7 @@ class RunStateMachine:
     def data_position(self, step: int) -> int:
         """The first global sequence step `step` trains."""
         origin_step, origin = self._data_origin
-        return origin + (step - origin_step) * self.schedule.global_batch_size
+        return origin + (step - origin_step) * self.sequences_per_round
 
     def _emit(self, kind: str, **data: Any) -> None:
         self._events.append(Event(kind, data))
@@ -500,7 +502,7 @@ class RunStateMachine:
         members = self.active()
         if self.phase == Phase.WARMUP:
             self.epoch_started = now
-        assignments = assign_batches(self.data_position(self.step), self.schedule.global_batch_size,
+        assignments = assign_batches(self.data_position(self.step), self.sequences_per_round,
                                      {m.id: m.throughput for m in members}, {m.id: m.overhead for m in members})
         self.round = Round(step=self.step, epoch=self.epoch,
                            started_at=now, assignments=assignments)
@@ -532,6 +534,7 @@ class RunStateMachine:
             "epoch": self.epoch, "step": self.step, "total_steps": self.schedule.total_steps,
             "rounds_per_epoch": self.schedule.rounds_per_epoch,
             "global_batch_size": self.schedule.global_batch_size,
+            "sequences_per_round": self.sequences_per_round,
             "round": None if rnd is None else rnd.to_json(),
             # overlapped rounds: the accepted set members apply while they train `round`
             "previous_round": None if self.round is None or self.last_round is None else self.last_round.to_json(),

@@ -20,7 +20,7 @@ def _last_hash(machine: RunStateMachine, client_id: str) -> str | None:
 def build_summary(run_id: str, machine: RunStateMachine, checks: ReplicaChecks,
                   val_history: list[dict[str, Any]], *, rejected: int, rate_limited: int,
                   checkpoint: str, updates_published: int = 0, updates_witnessed: int = 0,
-                  update_disputes: list[dict[str, Any]] = ()) -> RunSummary:
+                  update_disputes: list[dict[str, Any]] = (), local_steps: int = 1) -> RunSummary:
     clients = []
     for cid, member in sorted(machine.members.items()):
         stats = member.stats
@@ -39,7 +39,7 @@ def build_summary(run_id: str, machine: RunStateMachine, checks: ReplicaChecks,
         seen = [h["val_loss"][name] for h in val_history if (h.get("val_loss") or {}).get(name) is not None]
         tiers[key] = TierResult(val_loss=loss, initial_val_loss=first_val.get(name),
                                 best_val_loss=min(seen) if seen else None, regressed=name in regressed)
-    return RunSummary(run_id=run_id, steps=machine.step, epochs=machine.epoch + 1,
+    return RunSummary(run_id=run_id, steps=machine.step, local_steps=local_steps, epochs=machine.epoch + 1,
                       replicas_consistent=checks.consistent(), hashes_checked=checks.checked,
                       divergences=checks.divergences, unrecovered=checks.unrecovered(), clients=clients,
                       tiers=tiers, rejected=rejected, rate_limited=rate_limited,

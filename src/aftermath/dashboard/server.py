@@ -129,7 +129,7 @@ class Dashboard:
         rnd = snap.round
         assigned = sorted(rnd.assignments) if rnd else []
         committed = set(rnd.committed) if rnd else set()
-        tokens_per_step = run.schedule.global_batch_size * run.data.seq_len
+        tokens_per_step = run.sequences_per_round * run.data.seq_len  # a step of the dashboard is a round
         per_round = self.history.seconds_per_round()
         left = max(0, snap.total_steps - snap.step)
         return {"phase": snap.phase, "paused": snap.paused, "finished": snap.finished,

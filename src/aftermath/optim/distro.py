@@ -1,7 +1,8 @@
 """The DisTrO (DeMo) optimizer of one replica: decoupled momentum, chunked DCT, top-k, error feedback, apply.
 
 Per parameter, over the tier's region only:
-    delta <- decay * delta + lr * grad                      (decoupled momentum, kept locally, never sent)
+    delta <- decay * delta + lr * grad                      (decoupled momentum, kept locally, never sent;
+                                                             local steps: + the round's pseudo-gradient)
     C     <- DCT-II of delta over the chunks of the plan     (orthonormal, per chunk)
     keep the top-k coefficients of each chunk by magnitude   (indices sorted within the chunk)
     delta <- delta - IDCT(kept)                              (error feedback: what was not sent stays)
@@ -48,6 +49,9 @@ class DistroConfig:
     apply_mode: str = "sign"
     weight_decay: float = 0.0
     average_over: str = "selected"  # "selected" | "covering" (see aggregate.py)
+    # optimizer.local_steps: > 1, what is encoded is a round's pseudo-gradient (already a step in weight space,
+    # the inner lr in it), accumulated into the momentum as it is; 1: a gradient, scaled by the step's lr
+    local_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.apply_mode not in APPLY_MODES:
@@ -60,6 +64,8 @@ class DistroConfig:
             raise ConfigError(f"value_dtype {self.value_dtype!r} is not known; use one of {sorted(VALUE_DTYPES)}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.local_steps < 1:
+            raise ConfigError(f"local_steps must be >= 1, got {self.local_steps}")
         if self.average_over not in ("selected", "covering"):
             raise ConfigError(f"average_over {self.average_over!r} is not known; use 'selected' or 'covering'")
         self.lr_schedule()  # validates the schedule fields
@@ -121,7 +127,7 @@ class DistroOptimizer(RegionRule):
 
         All three are per chunk, so a parameter is processed in bands of whole chunk rows (about `tile_bytes`
         of working set each): no temporary of the parameter's full size."""
-        lr = self.schedule.lr(step)
+        scale = self.schedule.lr(step) if self.config.local_steps == 1 else 1.0
         out: dict[str, SparseCoefficients] = {}
         for name, shape in self.shapes.items():
             if name not in grads:
@@ -133,18 +139,18 @@ class DistroOptimizer(RegionRule):
             indices, values = [], []
             for lo in range(0, shape[0], band):
                 top, sent = self._compress_band(self.momentum[name][lo:lo + band],
-                                                None if grad is None else grad[lo:lo + band], lr, pc)
+                                                None if grad is None else grad[lo:lo + band], scale, pc)
                 indices.append(top)
                 values.append(sent)
             out[name] = SparseCoefficients(shape=shape, indices=torch.cat(indices), values=torch.cat(values))
         return out
 
-    def _compress_band(self, delta: torch.Tensor, grad: torch.Tensor | None, lr: float,
+    def _compress_band(self, delta: torch.Tensor, grad: torch.Tensor | None, scale: float,
                        pc: ParamChunking) -> tuple[torch.Tensor, torch.Tensor]:
         """One band of whole chunk rows of the momentum (a view, updated in place): (indices, values)."""
         delta.mul_(self.config.momentum_decay)
         if grad is not None:
-            delta.add_(grad.to(torch.float32) * lr)
+            delta.add_(grad.to(torch.float32) * scale)
         coeffs = dct_chunks(delta, pc.chunk, bases=self.plan.bases)
         k = pc.topk(self.config.topk)
         top = coeffs.abs().topk(k, dim=1).indices.sort(dim=1).values

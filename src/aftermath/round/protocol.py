@@ -197,6 +197,7 @@ class StateSnapshot(Message):
     total_steps: int
     rounds_per_epoch: int
     global_batch_size: int
+    sequences_per_round: int = Field(description="a round's sequences: global_batch_size x optimizer.local_steps")
     round: RoundView | None
     previous_round: RoundView | None = Field(None, description=(
         "overlapped rounds: the round before `round`, whose accepted set the members apply while they train"))
@@ -399,7 +400,9 @@ class RunSummary(Message):
     and is listed in `unrecovered`."""
 
     run_id: str
-    steps: int
+    steps: int = Field(description="rounds completed (optimizer steps; with local steps, outer rounds)")
+    local_steps: int = Field(1, description="optimizer.local_steps: inner steps per round (per-inner-step bytes "
+                             "are a client's bytes_up / rounds_contributed / local_steps)")
     epochs: int
     replicas_consistent: bool
     hashes_checked: int
@@ -452,4 +455,5 @@ class RoundRecord(Message):
     witness: bool = Field(False, description="it recomputed the published update from the payloads and attested it")
     retries: int = Field(0, description="fp16: micro-batches computed again at a lower loss scale (overflow)")
     processes: int = Field(1, description="processes that computed the step (a data-parallel client's --nproc)")
+    inner_steps: int = Field(1, description="optimizer.local_steps: the inner steps it took this round")
     faults: dict[str, int]

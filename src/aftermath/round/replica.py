@@ -47,7 +47,9 @@ def optimizer_config(run: RunConfig) -> DistroConfig | DenseConfig:
                   weight_decay=opt.weight_decay)
     try:
         if opt.name == "distro":
-            return DistroConfig(**common, **opt.distro)
+            if "local_steps" in opt.distro:
+                raise ConfigError("local_steps is set as optimizer.local_steps, not in [optimizer.distro]")
+            return DistroConfig(**common, local_steps=opt.local_steps, **opt.distro)
         return DenseConfig(algorithm=opt.name, **common, **opt.dense)
     except TypeError as exc:
         section = "distro" if opt.name == "distro" else "dense"
@@ -200,6 +202,20 @@ class TrainResult:
     seconds: float
     retries: int = 0  # fp16: forward/backward passes run again at a lower loss scale after an overflow
     processes: int = 1  # the processes that computed it (a data-parallel client's N)
+    inner_steps: int = 1  # optimizer.local_steps: the inner steps taken (fewer when the share has fewer sequences)
+
+
+def inner_batches(sequences: int, local_steps: int) -> list[range]:
+    """The rows of a client's share each inner step trains: `local_steps` contiguous parts, sizes differing by
+    at most one (a share smaller than `local_steps` takes one step per sequence)."""
+    base, extra = divmod(sequences, local_steps)
+    out, lo = [], 0
+    for h in range(local_steps):
+        size = base + (1 if h < extra else 0)
+        if size:
+            out.append(range(lo, lo + size))
+        lo += size
+    return out
 
 
 class Replica:
@@ -223,6 +239,10 @@ class Replica:
         self.compute = model if self.device.type == "cpu" else _device_copy(model, self.device)
         self.compute.activation_checkpointing = checkpointing
         self.parallel: ParallelBackward | None = None  # set by a data-parallel client (`client --nproc N`)
+        self.local_steps = run.optimizer.local_steps
+        # optimizer.local_steps > 1: the inner AdamW over the compute weights. Its state is this client's alone,
+        # kept across rounds (as DiLoCo's inner optimizer is) and never part of the replica or a checkpoint.
+        self.inner: torch.optim.AdamW | None = None
 
     @classmethod
     def build(cls, model: MatFormerLM, universal: MatFormerConfig, spec: TierSpec, run: RunConfig,
@@ -246,16 +266,31 @@ class Replica:
         `lookahead` (overlapped rounds): this replica's own payload of the step still in flight. The gradient is
         then taken where the weights are expected once that step lands (the payload applied alone, as Psyche's
         look-ahead does), and the weights are restored bit for bit afterwards. Only for an update rule whose
-        apply reads no state (DisTrO): applying a payload must leave nothing behind but the weights."""
+        apply reads no state (DisTrO): applying a payload must leave nothing behind but the weights.
+
+        With optimizer.local_steps H > 1 the round is H inner AdamW steps, one per part of `batch`
+        (`inner_batches`), and what is returned as `grads` is the pseudo-gradient: the weights at the round's
+        start minus after the H steps. The replica's weights are restored bit for bit afterwards: only the
+        round's aggregate moves them."""
         start = time.perf_counter()
         self.compute.train()
+        lookahead_used = lookahead is not None and not self.rule.state_dict()
         saved = None
-        if lookahead is not None and not self.rule.state_dict():
+        if lookahead_used or (self.local_steps > 1 and self.compute is self.model):
             saved = {n: p.detach().clone() for n, p in self.rule.params.items()}
+        if lookahead_used:
             self.rule.aggregate_and_apply([lookahead], lookahead.step)
-        groups = self.sequence_groups(batch.shape[0], step, client_id)
         try:
-            result = self._forward_backward(batch, micro_batch_size, groups)
+            if self.compute is not self.model:
+                with torch.no_grad():  # the replica's weights now, the look-ahead's included
+                    for name, p in self.compute.named_parameters():
+                        p.copy_(self.rule.params[name])
+            batch = batch.to(self.device)
+            if self.local_steps == 1:
+                groups = self.sequence_groups(batch.shape[0], step, client_id)
+                result = self._forward_backward(batch, micro_batch_size, groups)
+            else:
+                result = self._local_round(batch, micro_batch_size, step, client_id)
         finally:
             if saved is not None:
                 with torch.no_grad():
@@ -263,6 +298,37 @@ class Replica:
                         p.copy_(saved[n])
         result.seconds = time.perf_counter() - start
         return result
+
+    def _local_round(self, batch: torch.Tensor, micro_batch_size: int, step: int, client_id: str) -> TrainResult:
+        """H inner AdamW steps on the compute weights from where they are; returns the pseudo-gradient."""
+        model = self.compute
+        begin = {n: p.detach().clone() for n, p in model.named_parameters()}
+        if self.inner is None:
+            self.inner = torch.optim.AdamW(model.parameters(), lr=self.run.optimizer.inner_lr, betas=(0.9, 0.95),
+                                           eps=1e-8, weight_decay=0.0)
+        # the inner lr follows the run's warmup and schedule shape, scaled to inner_lr at its peak
+        schedule = self.rule.schedule
+        for group in self.inner.param_groups:
+            group["lr"] = self.run.optimizer.inner_lr * schedule.lr(step) / schedule.peak_lr
+        n = batch.shape[0]
+        loss_sum, retries = 0.0, 0
+        parts = inner_batches(n, self.local_steps)
+        for h, rows in enumerate(parts):
+            part = batch[rows.start:rows.stop]
+            # each inner step draws its own tiers under the sampled objective
+            groups = self.sequence_groups(len(rows), step * self.local_steps + h, client_id)
+            inner = self._forward_backward(part, micro_batch_size, groups)
+            self.inner.step()
+            loss_sum += inner.loss * len(rows)
+            retries += inner.retries
+        with torch.no_grad():
+            pseudo: dict[str, torch.Tensor | None] = {}
+            for name, p in model.named_parameters():
+                p.grad = None
+                pseudo[name] = begin[name].sub_(p)
+        return TrainResult(grads=pseudo, loss=loss_sum / max(1, n), sequences=n, tokens=n * (batch.shape[1] - 1),
+                           seconds=0.0, retries=retries, processes=1 if self.parallel is None else self.parallel.world,
+                           inner_steps=len(parts))
 
     def sequence_groups(self, sequences: int, step: int, client_id: str) -> list[SequenceGroup]:
         """Which rows of a batch of `sequences` train at which spec under the run's objective (own first)."""
@@ -274,11 +340,6 @@ class Replica:
     def _forward_backward(self, batch: torch.Tensor, micro_batch_size: int,
                           groups: list[SequenceGroup]) -> TrainResult:
         model = self.compute
-        if model is not self.model:
-            with torch.no_grad():  # the replica's weights now, the look-ahead's included
-                for name, p in model.named_parameters():
-                    p.copy_(self.rule.params[name])
-        batch = batch.to(self.device)
         n = batch.shape[0]
         retries = 0
         while True:
