@@ -12,15 +12,16 @@ The same formula with dense region gradients gives the dense columns.
 
 Mixes: all tier 0 (4 clients); 1+3 (one tier 0, three tier 1); 0+1+2+3 (one client of each tier).
 Wires (all wire version 2: 12-bit packed indices for 64 x 64 chunks, a header of a few hundred bytes): the
-default, top-4 with 1-bit signs (Psyche's production setting); top-32 with 1-bit signs; top-32 with float32
+default, top-4 with 1-bit signs (Psyche's production setting); top-10 and top-32 with 1-bit signs; top-32 with float32
 values (the settings of the version-1 default, which measured 42x below dense bf16 at gpt2-124m).
 
 Local steps (optimizer.local_steps H, `--local-steps 1,4,8`): a round sends one payload of the same size for H
-inner steps, so the bytes per inner step are the payload / H; the table gives them for the default wire.
+inner steps, so the bytes per inner step are the payload / H; the table gives them for the default wire and for
+top-10 1-bit (the local-steps setting measured in docs/results.md).
 
 A real testnet (`--testnet-steps N`): two clients (tiers 0 and 1) per preset run N steps, and summary.json says
 how many bytes each sent in all (payloads, commits, heartbeats, state requests), per step (per inner step with
-`--testnet-local-steps H`).
+`--testnet-local-steps H`, at top-k `--testnet-topk K`).
 
 Run:   .venv/bin/python bench/bandwidth.py --out bench/results/bandwidth.json   (small + gpt2-124m, ~10 s)
        add --testnet-steps 12 --presets small for the real testnet (a few minutes), and
@@ -46,9 +47,11 @@ MIXES: dict[str, tuple[int, ...]] = {
 }
 WIRES: dict[str, dict[str, Any]] = {
     "top-4 1-bit (default)": {"topk": 4, "one_bit": True},
+    "top-10 1-bit": {"topk": 10, "one_bit": True},  # the local-steps setting measured in docs/results.md
     "top-32 1-bit": {"topk": 32, "one_bit": True},
     "top-32 fp32": {"topk": 32, "one_bit": False},
 }
+LOCAL_WIRES = ("top-4 1-bit (default)", "top-10 1-bit")  # the local-steps table's wires
 MB = 1e6
 
 
@@ -89,8 +92,8 @@ def round_traffic(sizes: list[int]) -> dict[str, float]:
     return {"up_max": max(sizes), "down_max": max(total - s for s in sizes), "total": len(sizes) * total}
 
 
-def testnet_bytes(preset: str, steps: int, local_steps: int, console: Any) -> list[dict[str, Any]]:
-    """A real testnet (tiers 0 and 1, the default wire, `local_steps` per round): bytes each client sent per
+def testnet_bytes(preset: str, steps: int, local_steps: int, topk: int, console: Any) -> list[dict[str, Any]]:
+    """A real testnet (tiers 0 and 1, 1-bit top-`topk`, `local_steps` per round): bytes each client sent per
     (inner) step, from summary.json, against the dense bf16 gradient of its region. Everything a client sends
     counts (payloads, commits, heartbeats, state requests)."""
     import tempfile
@@ -102,14 +105,15 @@ def testnet_bytes(preset: str, steps: int, local_steps: int, console: Any) -> li
     with tempfile.TemporaryDirectory(prefix="aftermath-bandwidth-") as tmp:
         options = TestnetOptions(clients=2, tiers=[0, 1], steps=steps, out=Path(tmp) / "out", live=False, threads=1,
                                  extra_overrides={"model.preset": preset, "schedule.rounds_per_epoch": steps,
-                                                  "optimizer.local_steps": local_steps})
+                                                  "optimizer.local_steps": local_steps,
+                                                  "optimizer.distro": {"topk": topk}})
         summary = Testnet(options, console=console).run()
     rows = []
     for c in summary["clients"]:
         dense = 2 * parameter_count(cfg, tier_spec(cfg, c["tier"]))
         per_step = c["bytes_up"] / max(1, c["rounds_contributed"]) / summary["local_steps"]
         rows.append({"preset": preset, "client": c["id"], "tier": c["tier"], "steps": c["rounds_contributed"],
-                     "local_steps": summary["local_steps"],
+                     "local_steps": summary["local_steps"], "topk": topk,
                      "bytes_up": c["bytes_up"], "bytes_up_per_step": per_step, "dense_bf16": dense,
                      "x_below_bf16": dense / per_step, "replicas_consistent": summary["replicas_consistent"]})
     return rows
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     "inner step of the default wire at each (default 1,4,8)")
     ap.add_argument("--testnet-local-steps", type=int, default=1,
                     help="optimizer.local_steps of the real testnet (default 1: DisTrO)")
+    ap.add_argument("--testnet-topk", type=int, default=4, help="top-k per chunk of the real testnet (default 4)")
     ap.add_argument("--out", default="bench/results/bandwidth.json")
     args = ap.parse_args(argv)
 
@@ -171,23 +176,25 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['down_max'] / MB:.3f}", f"{r['total'] / MB:.3f}", f"{r['dense_fp32_total'] / MB:.1f}",
                  f"{r['dense_bf16_total'] / MB:.1f}", f"{r['ratio_vs_fp32']:.0f}", f"{r['ratio_vs_bf16']:.0f}"]
                 for r in rows]
-    default_wire = next(iter(WIRES))
     hs = [int(h) for h in args.local_steps.split(",") if h.strip()]
-    local = [{"preset": r["preset"], "tier": r["tier"], "local_steps": h, "bytes_per_inner_step": r[default_wire] / h,
-              "x_below_bf16": r["dense_bf16"] * h / r[default_wire]} for r in sizes for h in hs]
-    local_cols = ["preset", "tier", "local steps H", "bytes per inner step", "x below dense bf16 per inner step"]
-    local_rows = [[r["preset"], r["tier"], r["local_steps"], round(r["bytes_per_inner_step"]),
+    local = [{"preset": r["preset"], "tier": r["tier"], "wire": w, "local_steps": h,
+              "bytes_per_inner_step": r[w] / h, "x_below_bf16": r["dense_bf16"] * h / r[w]}
+             for r in sizes for w in LOCAL_WIRES for h in hs]
+    local_cols = ["preset", "tier", "wire", "local steps H", "bytes per inner step",
+                  "x below dense bf16 per inner step"]
+    local_rows = [[r["preset"], r["tier"], r["wire"], r["local_steps"], round(r["bytes_per_inner_step"]),
                    f"{r['x_below_bf16']:.0f}"] for r in local]
     real = [row for preset in presets
-            for row in testnet_bytes(preset, args.testnet_steps, args.testnet_local_steps, console)] \
+            for row in testnet_bytes(preset, args.testnet_steps, args.testnet_local_steps, args.testnet_topk,
+                                     console)] \
         if args.testnet_steps else []
-    real_cols = ["preset", "client", "tier", "rounds", "local steps", "bytes up per inner step", "dense bf16 (MB)",
-                 "x below bf16"]
-    real_rows = [[r["preset"], r["client"], r["tier"], r["steps"], r["local_steps"], round(r["bytes_up_per_step"]),
+    real_cols = ["preset", "client", "tier", "rounds", "local steps", "top-k", "bytes up per inner step",
+                 "dense bf16 (MB)", "x below bf16"]
+    real_rows = [[r["preset"], r["client"], r["tier"], r["steps"], r["local_steps"], r["topk"],
+                  round(r["bytes_up_per_step"]),
                   f"{r['dense_bf16'] / MB:.1f}", f"{r['x_below_bf16']:.0f}"] for r in real]
     _common.print_table("One payload per tier (exact bytes)", size_cols, size_rows, console)
-    _common.print_table(f"Local steps: one payload per H inner steps ({default_wire})", local_cols, local_rows,
-                        console)
+    _common.print_table("Local steps: one payload per H inner steps", local_cols, local_rows, console)
     if real:
         _common.print_table("A real testnet: everything each client sent, per step", real_cols, real_rows, console)
     _common.print_table("One round, 4 clients (each uploads its payload, downloads the 3 others)", mix_cols,

@@ -6,8 +6,10 @@ coordinator the universal replica; both build it with `Replica.build`.
 Where things live. The replica itself (fp32 weights and the update rule's state) is always on the CPU, and every
 replica applies a round there with the same code: that is what keeps a GPU client's replica bit-identical to a
 CPU client's and to the coordinator's. A client that trains on a GPU (`device`) holds a second copy of the
-weights there (`compute`), refreshed from the replica before each step; only the gradient is computed on it, in
+weights there (`compute`), refreshed from the replica before each round; only the gradient is computed on it, in
 the run's `train.precision` (torch.autocast, fp32 master weights), and it goes back to the CPU to be encoded.
+With optimizer.local_steps > 1 the training weights (on the CPU, the replica's own, restored afterwards) take
+the round's inner AdamW steps, and what goes back is the pseudo-gradient.
 """
 
 from __future__ import annotations
