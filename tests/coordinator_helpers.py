@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 from aiohttp.test_utils import TestServer
 
+from aftermath.client.loop import ClientOptions, TrainingClient
 from aftermath.coordinator.service import CoordinatorService
 from aftermath.runconfig import RunConfig, load_run_config
 
@@ -20,6 +21,14 @@ SMALL_RUN = {"schedule.min_clients": 1, "schedule.waiting_for_members_extra_time
 def small_run_config(**overrides: Any) -> RunConfig:
     """The embedded default run shrunk to 2 steps of 4 sequences of 16 tokens, with `overrides` on top."""
     return load_run_config().with_overrides({**SMALL_RUN, **overrides})
+
+
+def run_client(url: str, token: str, tmp_path: Path, name: str, tier: int, **options: Any) -> TrainingClient:
+    """A one-thread training client of the run at `url`, its work directory and metrics (NAME.jsonl) under
+    `tmp_path`."""
+    return TrainingClient(ClientOptions(coordinator=url, token=token, tier=tier, name=name, threads=1,
+                                        work_dir=tmp_path / "clients", metrics_path=tmp_path / f"{name}.jsonl",
+                                        **options))
 
 
 def serve_coordinator(run: RunConfig, run_dir: Path, token: str,

@@ -14,13 +14,13 @@ import torch
 from aiohttp.test_utils import TestServer
 
 from aftermath.client.data_parallel import DataParallelGroup, shard
-from aftermath.client.loop import ClientOptions, TrainingClient
+from aftermath.client.loop import TrainingClient
 from aftermath.coordinator.service import CoordinatorService
 from aftermath.data import default_data_dir
 from aftermath.model import build_model, preset_config, tier_spec
 from aftermath.round.replica import Replica
 from aftermath.runconfig import RunConfig
-from coordinator_helpers import small_run_config
+from coordinator_helpers import run_client, small_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,9 +75,7 @@ def test_a_two_process_client_keeps_its_replica_identical_to_one_process_clients
             url = str(server.make_url("")).rstrip("/")
 
             def client(name: str, tier: int, nproc: int = 1) -> TrainingClient:
-                return TrainingClient(ClientOptions(coordinator=url, token=TOKEN, tier=tier, name=name, nproc=nproc,
-                                                    work_dir=tmp_path / "clients", threads=1,
-                                                    metrics_path=tmp_path / f"{name}.jsonl"))
+                return run_client(url, TOKEN, tmp_path, name, tier, nproc=nproc)
 
             tasks = [client("a", 0).run_async(), client("b", 1).run_async(), client("dp", 1, nproc=2).run_async()]
             results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from aiohttp.test_utils import TestServer
 
-from aftermath.client.loop import ClientOptions, TrainingClient
 from aftermath.coordinator.service import CoordinatorService
 from aftermath.data import TokenStream, default_data_dir
 from aftermath.errors import ConfigError
@@ -21,7 +20,7 @@ from aftermath.model import build_model, preset_config, tier_spec
 from aftermath.model.slicing import sliced_model
 from aftermath.round.replica import Replica, inner_batches, training_loss
 from aftermath.runconfig import RunConfig
-from coordinator_helpers import small_run_config
+from coordinator_helpers import run_client, small_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,14 +84,8 @@ def test_a_network_run_with_local_steps_carries_H_batches_per_round_and_replicas
         service = CoordinatorService(run, tmp_path / "run", token=TOKEN, data_dir=default_data_dir(), linger=1.0)
         async with TestServer(service.app, host="127.0.0.1") as server:
             url = str(server.make_url("")).rstrip("/")
-
-            def client(name: str, tier: int) -> TrainingClient:
-                return TrainingClient(ClientOptions(coordinator=url, token=TOKEN, tier=tier, name=name,
-                                                    work_dir=tmp_path / "clients", threads=1,
-                                                    metrics_path=tmp_path / f"{name}.jsonl"))
-
-            results = await asyncio.wait_for(asyncio.gather(client("a", 0).run_async(), client("b", 1).run_async()),
-                                             timeout=240)
+            clients = [run_client(url, TOKEN, tmp_path, "a", 0), run_client(url, TOKEN, tmp_path, "b", 1)]
+            results = await asyncio.wait_for(asyncio.gather(*(c.run_async() for c in clients)), timeout=240)
             await service.finished.wait()
             summary = service.summary
             assert summary.replicas_consistent and summary.divergences == [] and summary.local_steps == 2

@@ -17,7 +17,7 @@ from aftermath.coordinator.service import CoordinatorService
 from aftermath.data import default_data_dir
 from aftermath.model import tier_spec
 from aftermath.round.protocol import RunSummary
-from coordinator_helpers import small_run_config
+from coordinator_helpers import run_client, small_run_config
 
 TOKEN = "in-process"
 
@@ -38,9 +38,7 @@ def _run(tmp_path: Path, optimizer: str, precision: str = "auto",
             url = str(server.make_url("")).rstrip("/")
 
             def client(name: str, tier: int) -> TrainingClient:
-                return TrainingClient(ClientOptions(coordinator=url, token=TOKEN, tier=tier, name=name,
-                                                    work_dir=tmp_path / "clients", threads=1,
-                                                    metrics_path=tmp_path / f"{name}.jsonl"))
+                return run_client(url, TOKEN, tmp_path, name, tier)
 
             first = [asyncio.create_task(client(n, t).run_async()) for n, t in (("a", 0), ("b", 1), ("c", 1))]
             while service.machine.step < 2:  # the late client joins once the first epoch is checkpointed
