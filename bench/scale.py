@@ -395,7 +395,10 @@ def bench_service(n: int, rounds: int, timeout: float, tier: int, preset: str, d
             **schedule, "schedule.global_batch_size": 2 * n, "data.val_sequences": 8, "model.preset": preset,
             "network.data_plane": data_plane,
             # every simulated client joins from 127.0.0.1: one address's limit before join would throttle them all
-            "network.rate_limit": 0}))
+            "network.rate_limit": 0,
+            # simulated clients send copies of one payload: the screen would rightly exclude them all (its cost at
+            # scale is measured on distinct payloads by bench/stress.py --screen-cost)
+            "trust.screen": False}))
         config = run_dir / "run.toml"
         config.write_text(text)
         import tomllib

@@ -1,5 +1,6 @@
-"""A restarted coordinator forgets nothing and resumes only the run it was given: history, reference hashes and
-the data position come back from state.json; a changed run config is refused, naming each changed field."""
+"""A restarted coordinator forgets nothing and resumes only the run it was given: history, reference hashes, the
+data position and the screen's exclusions come back from state.json; a changed run config is refused, naming each
+changed field."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from aftermath.client.loop import ClientOptions, TrainingClient
 from aftermath.coordinator.service import CoordinatorService
+from aftermath.coordinator.state import ClientInfo, Rejected
 from aftermath.data import default_data_dir
 from aftermath.errors import ConfigError
 from coordinator_helpers import small_run_config
@@ -44,8 +46,15 @@ def test_a_restart_keeps_the_history_and_the_summary_tells_the_whole_run(tmp_pat
     asyncio.run(_serve(first, tmp_path, stop_at_epoch=0))
     initial = first.keeper.val_history[0]
     assert initial["epoch"] == -1
+    # as if the screen of the first process had excluded a member "z" (trust.py): an exclusion is for good
+    persisted = json.loads((run_dir / "state.json").read_text())
+    assert persisted["exclusions"] == {}
+    persisted["exclusions"] = {"z": [1, "2 results flagged in 10 rounds, the last at step 1: its signs agree -0.9"]}
+    (run_dir / "state.json").write_text(json.dumps(persisted))
 
     second = CoordinatorService(run, run_dir, token=TOKEN, data_dir=default_data_dir(), linger=0.2)
+    with pytest.raises(Rejected, match="'z' was excluded from this run: 2 results flagged"):
+        second.machine.join("z", ClientInfo(tier=0, spec="tier0"), 0.0)
     assert [h["epoch"] for h in second.keeper.val_history] == [-1, 0]
     assert set(second.checks.reference) == {-1, 0}
     assert second.machine.data_position(2) == 2 * run.schedule.global_batch_size
@@ -56,6 +65,7 @@ def test_a_restart_keeps_the_history_and_the_summary_tells_the_whole_run(tmp_pat
     assert [h["epoch"] for h in summary.val_history] == [-1, 0, 1]
     state = json.loads((run_dir / "state.json").read_text())
     assert sorted(state["reference_hashes"]) == ["-1", "0", "1"] and state["finished"]
+    assert [(e.client_id, e.step) for e in summary.excluded] == [("z", 1)] and "z" in state["exclusions"]
 
 
 def test_a_changed_config_is_refused_naming_each_field_unless_forced(tmp_path, one_torch_thread):

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from aftermath.errors import AftermathError
+from aftermath.errors import EXIT_EXCLUDED, AftermathError, ExcludedError
 
 # Order here is the order of `aftermath --help`.
 COMMAND_MODULES = [
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except ExcludedError as exc:  # its own exit status: a testnet tells an exclusion from a failure
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_EXCLUDED
     except AftermathError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

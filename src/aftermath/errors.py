@@ -27,3 +27,10 @@ class DataError(AftermathError):
 
 class DataParallelError(AftermathError):
     """A process of a data-parallel client (`client --nproc N`) failed or could not start."""
+
+
+class ExcludedError(AftermathError):
+    """The coordinator excluded this client from the run (its results were flagged by the screen)."""
+
+
+EXIT_EXCLUDED = 3  # the exit status of a client the coordinator excluded (other errors exit 2)

@@ -200,6 +200,37 @@ class StorageSection(_Section):
         return self
 
 
+class TrustSection(_Section):
+    """How the coordinator screens a round's payloads before it accepts them, and when it excludes a member
+    (the `[trust]` section; docs/reliability.md "Poisoned updates" says how each threshold was chosen)."""
+
+    screen: bool = Field(True, description="screen every round's payloads (duplicates, norms, sign agreement, "
+                         "reported loss); a flagged payload is left out of the accepted set and is a strike")
+    min_agreement: float = Field(0.0, ge=-1, le=1, description=(
+        "a payload whose sign agreement with the round's other payloads (on the coefficients they share; 1 = all "
+        "agree, 0 = a coin, -1 = all disagree) is below this is flagged"))
+    min_param_agreement: float = Field(-0.2, ge=-1, le=1, description=(
+        "the same, for its worst parameter: an attack on one region (the embedding) is flagged there"))
+    min_consensus: float = Field(0.2, ge=-1, le=1, description=(
+        "agreement flags only in a round whose median agreement is at least this: honest payloads of tiny "
+        "batches are mostly noise and agree with nobody"))
+    min_shared_ratio: float = Field(0.25, ge=0, lt=1, description=(
+        "a payload that shares (selects the same coefficients as another payload, where another covers the "
+        "chunk) less than this times the round's median share is flagged: random indices share at chance level"))
+    max_norm_ratio: float = Field(10.0, gt=1, description=(
+        "a payload whose norm is above this many times the median of the round's payloads is flagged (raw-value "
+        "wires only: a one-bit payload's norm is fixed)"))
+    max_loss_ratio: float = Field(1.5, gt=1, description=(
+        "a reported training loss above this many times the median the round's other clients reported, or below "
+        "its inverse, is flagged"))
+    duplicate_rounds: int = Field(8, ge=0, description=(
+        "a payload with the body of one seen in the last this many rounds (any client's: a copy, a replay, the "
+        "same payload again) is flagged"))
+    strikes: int = Field(2, ge=1, description="flagged payloads within `strike_rounds` rounds that exclude a member "
+                         "from the run")
+    strike_rounds: int = Field(10, ge=1, description="the window, in rounds, in which strikes count")
+
+
 class RunConfig(_Section):
     run_id: str = Field("aftermath-run", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
                         description="name of the run; mixed into seeds and payloads")
@@ -211,6 +242,7 @@ class RunConfig(_Section):
     data: DataSection = Field(default_factory=DataSection)
     network: NetworkSection = Field(default_factory=NetworkSection)
     storage: StorageSection = Field(default_factory=StorageSection)
+    trust: TrustSection = Field(default_factory=TrustSection)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

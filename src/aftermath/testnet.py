@@ -40,7 +40,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aftermath.crypto import COORDINATOR_KEY_FILE, Signer
-from aftermath.errors import AftermathError, ConfigError
+from aftermath.errors import EXIT_EXCLUDED, AftermathError, ConfigError
 from aftermath.faults import FaultConfig
 from aftermath.metrics import read_metrics
 from aftermath.report import plot_loss
@@ -70,6 +70,7 @@ class TestnetOptions:
     kill_coordinator_at_step: int | None = None  # kill -9 the coordinator there (after a checkpoint), restart it
     crash_at: dict[int, str] = field(default_factory=dict)  # client index -> "STEP:PHASE" (the crash hook)
     perturb_at: dict[int, int] = field(default_factory=dict)  # client index -> step (the divergence hook)
+    attacks: dict[int, str] = field(default_factory=dict)  # client index -> attack (aftermath.client.hooks.ATTACKS)
     tls: bool = False  # https with a self-signed certificate (OUT/tls), pinned by its fingerprint in every client
 
 
@@ -131,6 +132,7 @@ class Testnet:
         self.client_args: dict[str, list[str]] = {}  # name -> arguments of its first incarnation
         self.incarnations: dict[str, int] = {}
         self.kills = 0  # clients killed by the testnet or by their crash hook
+        self.excluded: set[str] = set()  # clients that ended because the coordinator excluded them
         self.random_kills = 0  # of those, killed by --kill-random (its limit counts only these)
         self.restarted: list[str] = []  # metrics files of restarted incarnations
         self.coordinator_args: list[str] = []
@@ -211,6 +213,8 @@ class Testnet:
                     hooks += ["--crash-at", self.opts.crash_at[i]]
                 if i in self.opts.perturb_at:
                     hooks += ["--perturb-at", str(self.opts.perturb_at[i])]
+                if i in self.opts.attacks:
+                    hooks += ["--attack", self.opts.attacks[i]]
                 self.incarnations[name] = 0
                 self._spawn(name, [*self.client_args[name], *hooks,
                                    "--metrics", str(self.out / "metrics" / f"{name}.jsonl")])
@@ -286,12 +290,14 @@ class Testnet:
                     elif coordinator.poll() is not None:
                         break
                     for name, proc in list(self.procs.items()):
-                        if name == "coordinator" or name in restarts:
+                        if name == "coordinator" or name in restarts or name in self.excluded:
                             continue
                         code = proc.poll()
                         if code == -signal.SIGKILL:  # killed by us or by its crash hook: restart it later
                             self.kills += 1
                             restarts[name] = now + self.opts.restart_delay
+                        elif code == EXIT_EXCLUDED:  # the coordinator excluded it: the run goes on without it
+                            self.excluded.add(name)
                         elif code not in (None, 0):
                             raise AftermathError(f"{name} failed (exit {proc.returncode}):" + self._tail(name))
                     for name, when in list(restarts.items()):

@@ -27,7 +27,8 @@ Trust and faults: the client makes an ed25519 keypair at join, signs every commi
 signature of every result of an accepted set before applying it. A replica the coordinator finds to differ at an
 epoch end is dropped and reloaded from the checkpoint. A coordinator that stays unreachable for
 `give_up_after` seconds ends the client with an error saying so. Fault injection (aftermath.faults) lives in the
-transport; test hooks (crash, perturb) reach the round through one seam (aftermath.client.hooks).
+transport; test hooks (crash, perturb, attack) reach the round through one seam (aftermath.client.hooks). A client
+the coordinator's screen excluded ends with ExcludedError (exit status 3) and the reason.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from aftermath.client.decisions import DecisionCheck
 from aftermath.client.hooks import RoundHooks, TestHooks
 from aftermath.client.transport import CoordinatorError, Transport, Unreachable
 from aftermath.crypto import SignatureError, Signer, verify_commitment
-from aftermath.errors import AftermathError, CheckpointError, ConfigError, DataParallelError
+from aftermath.errors import AftermathError, CheckpointError, ConfigError, DataParallelError, ExcludedError
 from aftermath.faults import FaultConfig, FaultInjector
 from aftermath.metrics import MetricsWriter, peak_memory_bytes
 from aftermath.model import MatFormerConfig, TierSpec, parameter_count, parse_spec, tier_spec
@@ -92,13 +93,14 @@ class ClientOptions:
     faults: FaultConfig | None = None  # injected latency, loss, bandwidth (aftermath.faults)
     crash_at: tuple[int, str] | None = None  # test hook: SIGKILL itself at (step, phase) (aftermath.client.hooks)
     perturb_at: int | None = None  # test hook: perturb its weights after applying this step
+    attack: str | None = None  # test hook: commit poisoned payloads (aftermath.client.hooks.ATTACKS)
     ssl: Any = None  # how the coordinator's certificate is checked (aftermath.tls.client_ssl); None: system CAs
     coordinator_key: str | None = None  # the coordinator's pinned ed25519 key; None: the run info's (decisions.py)
 
     def hooks(self, before_crash: Callable[[], None]) -> RoundHooks:
-        if self.crash_at is None and self.perturb_at is None:
+        if self.crash_at is None and self.perturb_at is None and self.attack is None:
             return RoundHooks()
-        return TestHooks(self.crash_at, self.perturb_at, before_crash)
+        return TestHooks(self.crash_at, self.perturb_at, before_crash, self.attack)
 
 
 # ------------------------------------------------------------------------------------------ device and memory
@@ -257,6 +259,7 @@ class TrainingClient:
         self.witnessing: set[asyncio.Task] = set()  # witness checks running in the background
         self.updates: dict[int, RoundUpdate] = {}  # step -> its decoded update blob (update plane)
         self.own_blobs: dict[str, tuple[int, bytes]] = {}  # sha -> (step, payload) of its own, until applied
+        self.peer_payloads: list = []  # the last applied round's payloads, kept only for the replay attack hook
         self.overhead = 0.0  # the last round's seconds outside training on the critical path (sent at commit)
         self.batch_ahead: tuple[int, int, asyncio.Task] | None = None  # sequences [lo, hi) fetched for the next step
         self.t_prefetch = 0.0
@@ -476,8 +479,8 @@ class TrainingClient:
                 self.failures += 1
                 log.warning("coordinator refused: %s", exc.message)  # e.g. too late for the round: go on
                 continue
-            except (SignatureError, DataParallelError):
-                raise  # an altered decision: asking again gets the same; a lost worker does not come back
+            except (SignatureError, DataParallelError, ExcludedError):
+                raise  # an altered decision, a lost worker, an exclusion: asking again gets the same
             except AftermathError as exc:
                 # e.g. a blob of the accepted set cannot be fetched: never apply another set; retry on the next
                 # state, and if the round moves on without us, we resynchronise from the next checkpoint
@@ -494,6 +497,8 @@ class TrainingClient:
         me = snap.me
         if phase == "Finished":  # the final hash was reported in the last cooldown
             return True
+        if me.status == "gone" and me.excluded:
+            raise ExcludedError(f"the coordinator excluded this client ({self.client_id}) from the run: {me.excluded}")
         if me.status == "gone":
             log.warning("dropped by the coordinator; joining again")
             await self._join()
@@ -646,10 +651,12 @@ class TrainingClient:
         t_data = time.perf_counter() - t0
         self._fetch_ahead(first, start, end)
         lookahead = self._own_result(previous) if previous is not None else None
+        batch = self.hooks.training_batch(step, batch, self.config.vocab_size)
         result = await loop.run_in_executor(None, functools.partial(
             self.replica.train, batch, self.plan.size, step=step, client_id=self.client_id, lookahead=lookahead))
         t1 = time.perf_counter()
         blob = await loop.run_in_executor(None, self.replica.encode, result.grads, step, self.client_id)
+        blob = self.hooks.tamper(step, blob, self.replica, self.client_id, self.peer_payloads)
         t_encode = time.perf_counter() - t1
         self._passed(step, "train")
         t2 = time.perf_counter()
@@ -770,6 +777,8 @@ class TrainingClient:
                 return payloads
 
             payloads = await loop.run_in_executor(None, decode)
+            if self.hooks.keeps_peers:
+                self.peer_payloads = payloads
         # what is left belongs to later steps, or to results the round did not accept
         self.prefetched = {sha: p for sha, p in self.prefetched.items() if p.step > step}
         t_decode = time.perf_counter() - t1

@@ -78,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="end with an error when the coordinator stays unreachable this long (default 300)")
     p.add_argument("--crash-at", default=os.environ.get("AFTERMATH_CRASH_AT"), help=argparse.SUPPRESS)
     p.add_argument("--perturb-at", type=int, default=_env_int("AFTERMATH_PERTURB_AT"), help=argparse.SUPPRESS)
+    p.add_argument("--attack", default=os.environ.get("AFTERMATH_ATTACK"), help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -114,7 +115,7 @@ def fault_config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from aftermath.client.hooks import parse_crash_at
+    from aftermath.client.hooks import parse_attack, parse_crash_at
     from aftermath.client.data_parallel import rank_devices
     from aftermath.client.loop import ClientOptions, TrainingClient, resolve_device
 
@@ -155,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
                             name=args.name, device=args.device, memory_limit=parse_memory(args.memory_limit),
                             work_dir=args.work_dir, metrics_path=args.metrics, threads=args.threads, nproc=args.nproc,
                             faults=fault_config_from_args(args), crash_at=parse_crash_at(args.crash_at),
-                            perturb_at=args.perturb_at, give_up_after=args.give_up_after)
+                            perturb_at=args.perturb_at, attack=parse_attack(args.attack),
+                            give_up_after=args.give_up_after)
     result = TrainingClient(options).run_blocking()
     loss = result.get("loss")
     console.print(f"[bold]{result['client_id']}[/bold] ({'tier ' + str(result['tier'])}) finished at step "

@@ -140,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
                       + ("  [yellow]warning: got worse than its best[/yellow]" if v.regressed else ""))
     for d in summary.unrecovered:
         console.print(f"  [red]replica of {d.client_id} ({d.spec}) differs since epoch {d.epoch}[/red]")
+    if summary.screened:
+        console.print(f"  screened out: {len(summary.screened)} results (summary.json lists each with its reason)")
+    for e in summary.excluded:
+        console.print(f"  [red]excluded {e.client_id} at step {e.step}: {e.reason}[/red]")
     return 0 if summary.replicas_consistent else 1
 
 

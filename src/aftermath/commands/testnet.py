@@ -94,6 +94,10 @@ def print_summary(console: Console, summary: dict) -> None:
             console.print(f"[yellow]warning: {tier} ended at {v['val_loss']:.4f}, worse than its best "
                           f"{v['best_val_loss']:.4f}: train.objective = \"sampled\" trains every exported "
                           f"tier[/yellow]")
+    if summary.get("screened"):
+        console.print(f"screened out: {len(summary['screened'])} results (summary.json lists each with its reason)")
+    for e in summary.get("excluded", []):
+        console.print(f"[red]excluded {e['client_id']} at step {e['step']}: {e['reason']}[/red]")
     faults = summary.get("faults")
     if faults and any(faults.values()):
         console.print("faults: " + ", ".join(f"{k} {v}" for k, v in faults.items()))

@@ -37,6 +37,7 @@ class ResumePoint:
     reference_hashes: dict[int, dict[str, str]] = field(default_factory=dict)
     hash_reports: list[dict[str, Any]] = field(default_factory=list)
     divergences: list[dict[str, Any]] = field(default_factory=list)
+    exclusions: dict[str, tuple[int, str]] = field(default_factory=dict)  # client -> (step, reason): never back
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -91,7 +92,9 @@ def resume_point(run: RunConfig, run_dir: Path, checkpoint_info: dict[str, Any],
         val_history=list(previous.get("val_history", [])),
         reference_hashes={int(k): v for k, v in (previous.get("reference_hashes") or {}).items()},
         hash_reports=list(previous.get("hash_reports", [])),
-        divergences=list(previous.get("divergences", [])))
+        divergences=list(previous.get("divergences", [])),
+        exclusions={cid: (int(step), str(reason))
+                    for cid, (step, reason) in (previous.get("exclusions") or {}).items()})
     if checkpoint_info.get("step", -1) > point.step and checkpoint_info.get("epoch", -1) > point.epoch:
         # killed after the checkpoint swap but before state.json: the complete newer checkpoint wins
         log.warning("%s: the checkpoint holds epoch %s step %s, newer than state.json: resuming from it",

@@ -31,7 +31,9 @@ Calls after join carry `Authorization: Bearer SESSION` (sessions.py). Trust: the
 ed25519 public key, bound to its session; a commit must carry the client's signature of (run, step, client,
 blob, ASSIGNED range) (aftermath.crypto), and its payload must decode with the run's codec. Every client (or
 address, before it joins) has a token-bucket rate limit (429 + Retry-After); JSON bodies and blobs are size-capped;
-blob storage is bounded and old rounds' blobs are collected (blobs.BlobLedger). Everything that changes the run
+blob storage is bounded and old rounds' blobs are collected (blobs.BlobLedger). A signed, well-formed payload can
+still be poisoned: each round's results are screened before the accepted set is fixed (trust.py), and a member
+flagged too often is excluded. Everything that changes the run
 goes through the state machine; slow work (applying rounds, checkpoints, exports) runs in one worker thread, in
 order. Resuming is resume.py, replica checks replicas.py, the summary summary.py, how an accepted set reaches
 the clients (payloads, or one published update and its witnesses) distribution.py.
@@ -66,8 +68,9 @@ from aftermath.coordinator.ratelimit import RateLimiter
 from aftermath.coordinator.replicas import ReplicaChecks
 from aftermath.coordinator.resume import ResumePoint, resume_point
 from aftermath.coordinator.sessions import Sessions, Unauthorized
-from aftermath.coordinator.state import ClientInfo, Commit, Event, HashReport, Rejected, RunStateMachine
+from aftermath.coordinator.state import ClientInfo, Commit, Event, HashReport, Rejected, Round, RunStateMachine
 from aftermath.coordinator.summary import build_summary
+from aftermath.coordinator.trust import PayloadScreen, Submitted
 from aftermath.crypto import (COORDINATOR_KEY_FILE, SignatureError, Signer, assignment_message, checkpoint_message,
                               round_message, verify_commitment)
 from aftermath.errors import AftermathError, ConfigError
@@ -75,12 +78,13 @@ from aftermath.metrics import MetricsWriter
 from aftermath.model import MatFormerConfig, TierSpec, parse_spec, tier_spec
 from aftermath.model.geometry import max_tier
 from aftermath.optim import Payload
+from aftermath.optim.screening import Prepared
 from aftermath.optim.update import accepted_digest, expected_update_bytes
 from aftermath.round.protocol import (COMMIT_WITH_BLOB, AcceptedResult, AppliedRequest, CheckpointAnswer,
                                       ClientView, CommitRequest, HashAnswer, HashRequest, HealthAnswer,
                                       HeartbeatAnswer, HeartbeatRequest, JoinAnswer, JoinRequest, OkAnswer,
-                                      ReadyRequest, RoundDetail, RunInfo, RunSummary, StateSnapshot, UpdateView,
-                                      WitnessRequest, unpack_commit)
+                                      ReadyRequest, RoundDetail, RunInfo, RunSummary, ScreenedResult, StateSnapshot,
+                                      UpdateView, WitnessRequest, unpack_commit)
 from aftermath.round.objective import regressions
 from aftermath.round.replica import build_codec
 from aftermath.runconfig import RunConfig
@@ -93,7 +97,12 @@ MAX_PATH_CHARS = 1024  # a checkpoint file path; each part is also held to the f
 STATE_MAX_AGE = 0.5  # seconds a serialised state is served for unchanged (its clock fields age that much at most)
 TICK_SECONDS = 0.02  # the state machine's clock tick; long-pollers are woken at most once per tick
 KEEP_DISTRIBUTIONS = 4  # rounds whose distribution (plane, witnesses, update) is kept
+MAX_SCREENED = 1000  # screened results listed in the summary (a run that flags more says so in its metrics)
 INLINE_DECODE_BYTES = 64 * 1024  # payloads up to this size are validated on the event loop (see commit)
+
+
+def _rounded(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
 
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -171,15 +180,18 @@ class CoordinatorService:
         self.resume: ResumePoint | None = resume_point(run, self.run_dir, self.keeper.checkpoint_info(),
                                                        force=force_resume)
         self.checks = ReplicaChecks()
+        self.codec = build_codec(run, self.keeper.config)  # checks every commit's payload before it is accepted
+        self.screen = PayloadScreen(run.trust, self.codec.plan, self.codec.wire.one_bit)
+        screening = dict(trust=run.trust, screen=self._screen if run.trust.screen else None)
         if self.resume is None:
             self.machine = RunStateMachine(run.schedule, clock(), run_id=run.run_id,
-                                           sequences_per_round=run.sequences_per_round)
+                                           sequences_per_round=run.sequences_per_round, **screening)
         else:
             self.machine = RunStateMachine(run.schedule, clock(), run_id=run.run_id, step=self.resume.step,
                                            epoch=self.resume.epoch + 1, data_position=self.resume.data_position,
-                                           sequences_per_round=run.sequences_per_round)
+                                           sequences_per_round=run.sequences_per_round,
+                                           exclusions=self.resume.exclusions, **screening)
             self._restore_history(self.resume)
-        self.codec = build_codec(run, self.keeper.config)  # checks every commit's payload before it is accepted
         self.blobs = BlobStore(run.network.max_blob_bytes)  # the rounds in flight, in memory
         self.ledger = BlobLedger(self.blobs)
         self.mirror = None  # [storage] backend "s3": the bucket clients download blobs from
@@ -199,6 +211,7 @@ class CoordinatorService:
         self.sessions = Sessions()
         self.events: list[dict[str, Any]] = []  # recent events, for watchers (bounded)
         self.decoded: dict[str, Payload] = {}  # blob sha -> payload decoded (validated) at commit, until applied
+        self.prepared: dict[str, Prepared] = {}  # blob sha -> the payload as the screen needs it, until screened
         self.finished: asyncio.Event | None = None  # created on the loop in on_startup
         self.summary: RunSummary | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keeper")
@@ -216,6 +229,7 @@ class CoordinatorService:
         self.update_bytes = 0  # the expected size of a round's update blob (set at start-up)
         self.updates_published = 0
         self.update_disputes: list[dict[str, Any]] = []  # witnesses that found a published update wrong
+        self.screened: list[ScreenedResult] = []  # results the screen left out (the first MAX_SCREENED)
         self.updates_witnessed = 0  # witness verdicts that agreed
         self._tasks: list[asyncio.Task] = []
         self._websockets: set[web.WebSocketResponse] = set()
@@ -476,6 +490,11 @@ class CoordinatorService:
         del self.events[:-200]
         if event.kind in ("joined", "dropped", "deferred", "phase", "epoch_ended", "finished"):
             log.info("%s %s", event.kind, event.data)
+        elif event.kind in ("screened", "excluded"):
+            log.warning("%s %s", event.kind, event.data)
+        if event.kind == "screened" and len(self.screened) < MAX_SCREENED:
+            self.screened.append(ScreenedResult(step=event.data["step"], client_id=event.data["client_id"],
+                                                reason=event.data["reason"]))
         if event.kind == "round_accepted":
             self._distribute(event.data["step"])
             self._jobs.put_nowait(("apply", event.data))
@@ -508,6 +527,22 @@ class CoordinatorService:
                 self.events.append({"time": time.time(), "kind": "error", "job": kind})
                 if kind == "checkpoint":  # do not hold the run in Cooldown forever; the old checkpoint stands
                     self.machine.checkpoint_done(data["epoch"], data["step"], self.clock())
+
+    def _screen(self, rnd: Round) -> dict[str, str]:
+        """The state machine's screen (aftermath.coordinator.trust): run on the round's payloads, decoded at commit;
+        every payload's statistics go to the metrics, where the thresholds were chosen from."""
+        started = time.perf_counter()
+        submitted = [Submitted(c.client_id, self.prepared[c.blob], c.loss) for c in rnd.commits.values()
+                     if c.blob in self.prepared]
+        result = self.screen.screen(rnd.step, submitted)
+        self.prepared = {sha: p for sha, p in self.prepared.items() if p.step > rnd.step}
+        self.metrics.write(event="screen", step=rnd.step, seconds=round(time.perf_counter() - started, 5),
+                           flagged=result.flagged, payloads={
+                               st.client_id: {"agreement": _rounded(st.agreement), "worst": _rounded(st.worst_agreement),
+                                              "worst_param": st.worst_param, "shared": _rounded(st.shared),
+                                              "rms": round(st.rms, 6), "loss": rnd.commits[st.client_id].loss}
+                               for st in result.stats})
+        return result.flagged
 
     def _distribute(self, step: int) -> None:
         """Decide how step `step`'s accepted set reaches the clients (distribution.py)."""
@@ -598,7 +633,7 @@ class CoordinatorService:
                                      checkpoint=str(self.run_dir / CHECKPOINT_DIR),
                                      updates_published=self.updates_published,
                                      updates_witnessed=self.updates_witnessed, update_disputes=self.update_disputes,
-                                     local_steps=self.run.optimizer.local_steps)
+                                     local_steps=self.run.optimizer.local_steps, screened=self.screened)
         write_json_atomic(self.run_dir / SUMMARY_FILE, self.summary.model_dump(mode="json"))
         save_state(self.run_dir, self._persisted(finished=True))
         self.metrics.write(event="summary", replicas_consistent=self.summary.replicas_consistent,
@@ -617,7 +652,8 @@ class CoordinatorService:
                 "data_position": self.machine.data_position(self.machine.step), "finished": finished,
                 "run": self.run.public(), "val_history": self.keeper.val_history,
                 "reference_hashes": {str(k): v for k, v in sorted(self.checks.reference.items())},
-                "hash_reports": reports, "divergences": [d.model_dump() for d in self.checks.divergences]}
+                "hash_reports": reports, "divergences": [d.model_dump() for d in self.checks.divergences],
+                "exclusions": {cid: list(v) for cid, v in sorted(self.machine.exclusions.items())}}
 
     # ------------------------------------------------------------------ the object store mirror
     def _mirror(self, sha: str, data: bytes) -> None:
@@ -657,6 +693,11 @@ class CoordinatorService:
     # ------------------------------------------------------------------ helpers
     def _client(self, request: web.Request) -> str:
         return self.sessions.authenticate(request.headers.get("Authorization", ""))
+
+    def _check_payload(self, data: bytes, step: int, client_id: str) -> tuple[Payload, Prepared | None]:
+        """A commit's payload decoded (validated), and prepared for the round's screen when the run screens."""
+        payload = self._decode(data, step, client_id)
+        return payload, self.screen.prepare(payload, data) if self.run.trust.screen else None
 
     def _decode(self, data: bytes, step: int, client_id: str) -> Payload:
         spec = self.sessions.specs[client_id]
@@ -898,9 +939,9 @@ class CoordinatorService:
         try:
             self._verify_signature(cid, req)
             if len(data) <= INLINE_DECODE_BYTES:  # ~0.1 ms: cheaper here than a hop to a thread and back
-                payload = self._decode(data, req.step, cid)
+                payload, prepared = self._check_payload(data, req.step, cid)
             else:
-                payload = await loop.run_in_executor(None, self._decode, data, req.step, cid)
+                payload, prepared = await loop.run_in_executor(None, self._check_payload, data, req.step, cid)
             commit.signature = req.signature or ""
             self.machine.commit(commit, self.clock())
         except AftermathError as exc:  # recorded for the dashboard's events, then answered 4xx as before
@@ -908,6 +949,8 @@ class CoordinatorService:
             self.metrics.write(event="rejected", client_id=cid, step=req.step, blob=req.blob, reason=str(exc)[:300])
             raise
         self.decoded[req.blob] = payload
+        if prepared is not None:
+            self.prepared[req.blob] = prepared
         self._mirror(req.blob, data)
         if req.stats:
             self.machine.heartbeat(cid, self.clock(), req.stats)

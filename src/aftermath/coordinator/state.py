@@ -13,7 +13,12 @@ Phases:
   WaitingForMembers, where the deferred and the clients that joined during the warmup try again.
 - RoundTrain: the round's global batch is split among the members; each trains its range and commits a
   result (a blob). Ends when every assigned result is in, else at `max_round_train_time`.
-- RoundWitness: the accepted set (the results that came in, sorted by client id) is published; every member
+- Screening (`screen`, aftermath.coordinator.trust): when a round's training ends, the results that came in are
+  screened; a flagged one is left out of the accepted set and is a strike on its member, and a member with
+  `trust.strikes` strikes within `trust.strike_rounds` rounds is excluded from the run: it is gone, with the
+  reason, and may not join again.
+- RoundWitness: the accepted set (the results that came in and passed the screen, sorted by client id) is
+  published; every member
   applies exactly that set and says so. Ends when all have applied, else at `round_witness_time` (members
   that have not applied are out of sync: they leave the epoch and resynchronise at the next one).
 - Overlapped rounds (`schedule.overlap`): when a round's accepted set is fixed and the epoch goes on, the next
@@ -38,11 +43,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from aftermath.coordinator.assignment import BatchRange, assign_batches
 from aftermath.errors import AftermathError
-from aftermath.runconfig import ScheduleSection
+from aftermath.runconfig import ScheduleSection, TrustSection
 
 
 class Phase(str, Enum):
@@ -77,6 +82,8 @@ class Member:
     joined_at: float
     last_seen: float
     status: str = "pending"  # pending (waits for an epoch), member (in the epoch), gone
+    excluded: str = ""  # why the screen excluded it from the run (then it is gone for good)
+    strikes: list[int] = field(default_factory=list)  # the steps at which the screen flagged its result
     throughput: float = 1.0  # sequences/s: declared at join, then measured (moving average)
     overhead: float = 0.0  # seconds per round outside training that it cannot hide (moving average)
     ready_epoch: int = -1  # the epoch this member said it is ready for
@@ -90,7 +97,8 @@ class Member:
                 "memory_bytes": self.info.memory_bytes, "status": self.status,
                 "throughput": round(self.throughput, 4), "ready_epoch": self.ready_epoch,
                 "rounds_contributed": self.rounds_contributed, "last_seen": self.last_seen, "stats": self.stats,
-                "public_key": self.info.public_key, "resync_epoch": self.resync_epoch}
+                "public_key": self.info.public_key, "resync_epoch": self.resync_epoch, "excluded": self.excluded,
+                "strikes": len(self.strikes)}
 
 
 @dataclass
@@ -123,6 +131,7 @@ class Round:
     assignments: dict[str, BatchRange]
     commits: dict[str, Commit] = field(default_factory=dict)
     accepted: list[Commit] | None = None  # published when the round's training ends
+    screened: dict[str, str] = field(default_factory=dict)  # client -> why its result was left out of `accepted`
     accepted_at: float | None = None
     applied: set[str] = field(default_factory=set)
 
@@ -133,7 +142,7 @@ class Round:
                 "commits": {cid: {"blob": c.blob, "tier": c.tier, "spec": c.spec, "signature": c.signature}
                             for cid, c in sorted(self.commits.items())},
                 "accepted": None if self.accepted is None else [c.to_json() for c in self.accepted],
-                "applied": sorted(self.applied)}
+                "screened": dict(sorted(self.screened.items())), "applied": sorted(self.applied)}
 
 
 @dataclass
@@ -151,12 +160,13 @@ class HashReport:
 # calls, heartbeats or hash reports, so a round's N commits do not wake N long-polling clients N times.
 KEEP_EARLIER_ROUNDS = 2  # rounds kept before the last one: a member that fell behind applies them from here
 VIEW_EVENTS = frozenset({"phase", "round_started", "round_accepted", "deferred", "dropped", "diverged", "paused",
-                         "resumed", "finished", "epoch_ended"})
+                         "resumed", "finished", "epoch_ended", "excluded"})
+Screen = Callable[["Round"], dict[str, str]]  # a round's commits -> the flagged clients and why
 
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # phase, round_started, round_accepted, epoch_ended, dropped, joined, finished
+    kind: str  # phase, round_started, round_accepted, epoch_ended, dropped, joined, finished, screened, excluded
     data: dict[str, Any]
 
 
@@ -164,8 +174,14 @@ class RunStateMachine:
     """The run, as a pure state machine. `now` is injected into every call (seconds, any monotonic clock)."""
 
     def __init__(self, schedule: ScheduleSection, now: float, *, run_id: str = "run", step: int = 0, epoch: int = 0,
-                 data_position: int | None = None, sequences_per_round: int | None = None) -> None:
+                 data_position: int | None = None, sequences_per_round: int | None = None,
+                 trust: TrustSection | None = None, screen: Screen | None = None,
+                 exclusions: dict[str, tuple[int, str]] | None = None) -> None:
         self.schedule = schedule
+        self.trust = trust or TrustSection()
+        self.screen = screen  # None: every result that came in is accepted
+        # client -> (step, reason) of every member the screen excluded, this process or before a restart
+        self.exclusions: dict[str, tuple[int, str]] = dict(exclusions or {})
         self.run_id = run_id
         # a round's sequences: the global batch, times the inner steps of a local-steps run (RunConfig)
         self.sequences_per_round = sequences_per_round or schedule.global_batch_size
@@ -241,6 +257,8 @@ class RunStateMachine:
         """Admit a client: into the current epoch while WaitingForMembers, else for the next epoch."""
         if self.phase == Phase.FINISHED:
             raise Rejected("the run has finished; nothing left to train")
+        if client_id in self.exclusions:
+            raise Rejected(f"client {client_id!r} was excluded from this run: {self.exclusions[client_id][1]}")
         old = self.members.get(client_id)
         if old is not None and old.status != "gone":
             raise Rejected(f"client id {client_id!r} is already in the run")
@@ -413,12 +431,15 @@ class RunStateMachine:
             live = {m.id for m in self.active()}
             waiting = [cid for cid in rnd.assignments if cid in live and cid not in rnd.commits]
             if not waiting or now >= self.deadline():
-                rnd.accepted = [rnd.commits[cid] for cid in sorted(rnd.commits)]
+                rnd.screened = self.screen(rnd) if self.screen is not None and rnd.commits else {}
+                rnd.accepted = [rnd.commits[cid] for cid in sorted(rnd.commits) if cid not in rnd.screened]
                 rnd.accepted_at = now
                 for c in rnd.accepted:
                     self.members[c.client_id].rounds_contributed += 1
                 self._emit("round_accepted", step=rnd.step, accepted=[c.to_json() for c in rnd.accepted],
-                           missing=sorted(set(rnd.assignments) - set(rnd.commits)))
+                           missing=sorted(set(rnd.assignments) - set(rnd.commits)), screened=rnd.screened)
+                for cid, reason in sorted(rnd.screened.items()):
+                    self._strike(cid, rnd.step, reason, now)
                 if s.overlap and not self.paused and not self._epoch_over(rnd.step + 1, now):
                     # the next step trains while this one is applied
                     self.step = rnd.step + 1
@@ -471,6 +492,19 @@ class RunStateMachine:
                 return True
             return False
         return False
+
+    def _strike(self, client_id: str, step: int, reason: str, now: float) -> None:
+        """The screen left `client_id`'s result of `step` out; at `trust.strikes` strikes within
+        `trust.strike_rounds` rounds it is excluded from the run."""
+        member = self.members[client_id]
+        member.strikes = [s for s in member.strikes if s > step - self.trust.strike_rounds] + [step]
+        self._emit("screened", client_id=client_id, step=step, reason=reason, strikes=len(member.strikes))
+        if len(member.strikes) >= self.trust.strikes and not member.excluded:
+            member.excluded = (f"{len(member.strikes)} results flagged in {self.trust.strike_rounds} rounds, the "
+                               f"last at step {step}: {reason}")
+            self.exclusions[client_id] = (step, member.excluded)
+            self._emit("excluded", client_id=client_id, step=step, reason=member.excluded)
+            self.leave(client_id, now, reason=f"excluded: {reason}")
 
     def _epoch_over(self, step: int, now: float) -> bool:
         """Whether the epoch ends before `step` (the next step to train)."""

@@ -7,7 +7,7 @@ from typing import Any
 from aftermath.coordinator.replicas import ReplicaChecks
 from aftermath.coordinator.state import RunStateMachine
 from aftermath.round.objective import regressions
-from aftermath.round.protocol import ClientSummary, RunSummary, TierResult
+from aftermath.round.protocol import ClientSummary, Exclusion, RunSummary, ScreenedResult, TierResult
 
 
 def _last_hash(machine: RunStateMachine, client_id: str) -> str | None:
@@ -20,7 +20,8 @@ def _last_hash(machine: RunStateMachine, client_id: str) -> str | None:
 def build_summary(run_id: str, machine: RunStateMachine, checks: ReplicaChecks,
                   val_history: list[dict[str, Any]], *, rejected: int, rate_limited: int,
                   checkpoint: str, updates_published: int = 0, updates_witnessed: int = 0,
-                  update_disputes: list[dict[str, Any]] = (), local_steps: int = 1) -> RunSummary:
+                  update_disputes: list[dict[str, Any]] = (), local_steps: int = 1,
+                  screened: list[ScreenedResult] = ()) -> RunSummary:
     clients = []
     for cid, member in sorted(machine.members.items()):
         stats = member.stats
@@ -44,4 +45,7 @@ def build_summary(run_id: str, machine: RunStateMachine, checks: ReplicaChecks,
                       divergences=checks.divergences, unrecovered=checks.unrecovered(), clients=clients,
                       tiers=tiers, rejected=rejected, rate_limited=rate_limited,
                       updates_published=updates_published, updates_witnessed=updates_witnessed,
-                      update_disputes=list(update_disputes), val_history=val_history, checkpoint=checkpoint)
+                      update_disputes=list(update_disputes), screened=list(screened),
+                      excluded=[Exclusion(client_id=cid, step=step, reason=reason)
+                                for cid, (step, reason) in sorted(machine.exclusions.items())],
+                      val_history=val_history, checkpoint=checkpoint)

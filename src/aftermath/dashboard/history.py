@@ -5,7 +5,8 @@ report (which reads the whole file after the run), so both show the same numbers
 
 What the coordinator writes (aftermath.coordinator.service): one record per state-machine event (`joined`,
 `dropped`, `deferred`, `phase`, `round_started`, `round_accepted`, `epoch_ended`, `finished`, `paused`,
-`resumed`), `applied` per round (payload bytes, the accepted clients' losses), `checkpoint` per epoch
+`resumed`, `screened` and `excluded` with their reason), `screen` per round (every payload's screening
+statistics), `applied` per round (payload bytes, the accepted clients' losses), `checkpoint` per epoch
 (validation loss and replica hash per tier), `rejected` for refused results, and `summary` at the end.
 """
 
@@ -19,8 +20,8 @@ from aftermath.model import MatFormerConfig, TierSpec, parameter_count
 from aftermath.round.objective import regressions
 
 # Events worth showing a person (phase changes and round starts are in the round panel instead).
-NOTABLE_EVENTS = ("joined", "dropped", "deferred", "rejected", "fault", "paused", "resumed", "epoch_ended",
-                  "checkpoint", "tier_regressed", "finished", "error", "mismatch")
+NOTABLE_EVENTS = ("joined", "dropped", "deferred", "rejected", "screened", "excluded", "fault", "paused", "resumed",
+                  "epoch_ended", "checkpoint", "tier_regressed", "finished", "error", "mismatch")
 MAX_EVENTS = 200
 
 

@@ -105,7 +105,9 @@ class Dashboard:
         for m in snap.members:
             ago = max(0.0, now - m.last_seen)
             stats = m.stats
-            if m.status == "gone":
+            if m.excluded:
+                state = "excluded"
+            elif m.status == "gone":
                 state = "gone"
             elif m.status == "pending":
                 state = "joining"

@@ -465,6 +465,12 @@ def _header(data: bytes | memoryview) -> tuple[dict, int]:
     return header, PREFIX + n
 
 
+def payload_body(data: bytes | memoryview) -> memoryview:
+    """The body of a payload's bytes (what follows its header)."""
+    _, body = _header(data)
+    return memoryview(data)[body:]
+
+
 def _parse_spec(raw: object, plan: ChunkPlan) -> TierSpec:
     if isinstance(raw, dict) and set(raw) == {"tier"}:
         tier = raw["tier"]

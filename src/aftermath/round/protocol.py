@@ -143,6 +143,9 @@ class MemberView(Message):
     stats: dict[str, Any]
     public_key: str
     resync_epoch: int = Field(description="the epoch at whose end its replica was found to differ (-1: never)")
+    excluded: str = Field("", description="why the coordinator's screen excluded it from the run (then it is gone "
+                          "and may not join again); empty: not excluded")
+    strikes: int = Field(0, description="its results the screen left out within the last trust.strike_rounds rounds")
 
 
 class CommitView(Message):
@@ -174,6 +177,9 @@ class RoundView(Message):
     committed: list[str]
     commits: dict[str, CommitView]
     accepted: list[AcceptedResult] | None = Field(description="published when the round's training ends")
+    screened: dict[str, str] = Field(default_factory=dict, description=(
+        "client id -> why the coordinator's screen left its result out of the accepted set (aftermath.coordinator."
+        "trust)"))
     applied: list[str]
 
 
@@ -382,6 +388,18 @@ class UpdateDispute(Message):
     update: str = Field(description="the published update blob it found wrong")
 
 
+class ScreenedResult(Message):
+    step: int
+    client_id: str
+    reason: str = Field(description="why the coordinator's screen left its result out of the accepted set")
+
+
+class Exclusion(Message):
+    client_id: str
+    step: int = Field(description="the step of its last flagged result")
+    reason: str
+
+
 class TierResult(Message):
     """Held-out loss of an exported tier or an evaluated Mix'n'Match spec over the run's checkpoints."""
 
@@ -416,6 +434,10 @@ class RunSummary(Message):
     updates_witnessed: int = Field(0, description="witness verdicts that a published update is the payloads' own")
     update_disputes: list[UpdateDispute] = Field(default_factory=list, description=(
         "witnesses that recomputed a published update from the accepted payloads and got other bits"))
+    screened: list[ScreenedResult] = Field(default_factory=list, description=(
+        "results the coordinator's screen left out of their round's accepted set ([trust]), with the reason"))
+    excluded: list[Exclusion] = Field(default_factory=list, description=(
+        "members excluded from the run for their flagged results, with the reason"))
     val_history: list[dict[str, Any]]
     checkpoint: str
 
