@@ -63,7 +63,8 @@ def body_fingerprint(payload: Payload, data: bytes) -> str:
 class Prepared:
     """What the screen needs of one payload, computed once when it arrives (`PayloadIndex.prepare`): its
     fingerprint and rms, and its coefficients over the whole model, one entry each: key (parameter, universal
-    chunk, position), value, parameter id and chunk (parameter, universal chunk). A dense payload has values only."""
+    chunk, position), value, parameter id and chunk (parameter, universal chunk). A dense payload has its rms
+    and fingerprint only."""
 
     client_id: str
     step: int
@@ -110,16 +111,19 @@ class PayloadIndex:
     def prepare(self, payload: Payload, data: bytes) -> Prepared:
         """`payload` decoded from `data` (its bytes: the fingerprint is their body's)."""
         items = [(pid, payload.params[name]) for pid, name in enumerate(self.names) if name in payload.params]
-        values = torch.cat([(item.values if isinstance(item, SparseCoefficients) else item).reshape(-1)
-                            for _, item in items]).double() if items else torch.zeros(0, dtype=torch.float64)
-        common = dict(client_id=payload.client_id, step=payload.step, fingerprint=body_fingerprint(payload, data),
-                      rms=float(values.pow(2).mean().sqrt()) if values.numel() else 0.0, values=values)
-        if not items or not all(isinstance(item, SparseCoefficients) for _, item in items):
-            return Prepared(**common)
+        common = dict(client_id=payload.client_id, step=payload.step, fingerprint=body_fingerprint(payload, data))
+        dense = [item.reshape(-1) for _, item in items if not isinstance(item, SparseCoefficients)]
+        if not items or dense:  # the size of its region's weights: its rms (no temporary copy), nothing kept
+            count = sum(t.numel() for t in dense)
+            squares = sum(float(torch.dot(t, t)) for t in dense)
+            return Prepared(**common, rms=math.sqrt(squares / count) if count else 0.0,
+                            values=torch.zeros(0, dtype=torch.float64))
+        values = torch.cat([item.values.reshape(-1) for _, item in items]).double()
         key_base, chunks, ids = self._layout(tuple((pid, tuple(item.shape), item.indices.shape[1])
                                                    for pid, item in items))
         indices = torch.cat([item.indices.reshape(-1) for _, item in items])
-        return Prepared(**common, keys=key_base + indices, param_ids=ids, chunks=chunks)
+        return Prepared(**common, rms=float(values.pow(2).mean().sqrt()), values=values, keys=key_base + indices,
+                        param_ids=ids, chunks=chunks)
 
 
 def _median_agreements(agree: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
