@@ -26,6 +26,7 @@ N distinct DisTrO payloads of a tiny-preset tier-1 replica, min and median of --
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -48,9 +49,11 @@ SCENARIOS = ("none", "latency", "loss", "bandwidth", "kills", "all")
 ATTACK_SCENARIOS = ("clean", "unscreened", "flip", "random", "replay", "constant", "other-data", "region",
                     "clean-raw", "scale")
 ATTACKER = 1  # the client index of the attacker: a tier-1 client, so that another client shares its spec
-# raw values, raw apply: the update is lr x the mean of lr-scaled momenta. lr 1.0 diverges within 20 steps (held-out
-# 8.6-9.8 from 8.3) and 0.3 is slow (7.35-7.38); 0.5 trains (7.07-7.09; the sign apply at 3e-3: 6.54-6.58)
-RAW_WIRE = {"optimizer.distro": {"one_bit": False, "apply_mode": "raw"}, "optimizer.lr": 0.5}
+# raw values, raw apply: the update is lr x the mean of lr-scaled momenta. 20 steps of clean-raw (--raw-lr): lr 1.0
+# diverges in 2 seeds of 3 (held-out 8.6, 9.8 from 8.3), 0.3 is slow (7.35-7.38), 0.5 trains (7.07-7.09; the sign
+# apply at 3e-3: 6.54-6.58)
+RAW_WIRE = {"optimizer.distro": {"one_bit": False, "apply_mode": "raw"}}
+RAW_LR = 0.5
 BASELINE = {"scale": "clean-raw", "clean-raw": "clean-raw"}  # the clean run each scenario is held against
 SHORT = {"schedule.rounds_per_epoch": 2, "schedule.global_batch_size": 12, "optimizer.warmup_steps": 1,
          "data.val_sequences": 8, "schedule.max_round_train_time": 10.0, "schedule.round_witness_time": 10.0,
@@ -102,13 +105,13 @@ def run_one(name: str, seed: int, steps: int, root: Path) -> dict:
             "val_loss_tier0": summary["tiers"].get("0", {}).get("val_loss")}
 
 
-def attack_overrides(name: str, seed: int) -> dict:
+def attack_overrides(name: str, seed: int, raw_lr: float = RAW_LR) -> dict:
     overrides = {**SHORT, "seed": seed, "schedule.rounds_per_epoch": 5, "schedule.global_batch_size": 16,
                  "data.val_sequences": 16, "schedule.heartbeat_timeout": 8.0, "network.data_plane": "payloads"}
     if name == "unscreened":
         overrides["trust.screen"] = False
     if name in ("clean-raw", "scale"):
-        overrides.update(RAW_WIRE)
+        overrides.update({**RAW_WIRE, "optimizer.lr": raw_lr})
     return overrides
 
 
@@ -147,11 +150,12 @@ def honest_margins(out: Path, attacker: str | None) -> dict:
             "shared_ratio": span(shared), "loss_ratio": span(loss)}
 
 
-def run_attack(name: str, seed: int, steps: int, root: Path) -> dict:
+def run_attack(name: str, seed: int, steps: int, root: Path, raw_lr: float = RAW_LR) -> dict:
     out = root / f"attack-{name}-{seed}"
     attack = name if name not in ("clean", "unscreened", "clean-raw") else None
     opts = TestnetOptions(clients=4, tiers=[0, 1, 1, 2], steps=steps, out=out, live=False, timeout=900,
-                          extra_overrides=attack_overrides(name, seed), attacks={ATTACKER: attack} if attack else {})
+                          extra_overrides=attack_overrides(name, seed, raw_lr),
+                          attacks={ATTACKER: attack} if attack else {})
     started = time.perf_counter()
     try:
         summary = Testnet(opts, Console(quiet=True)).run()
@@ -233,8 +237,9 @@ def run_matrix(run: Callable[[str, int, int, Path], dict], seeds: list[int], sce
     return rows
 
 
-def attacks_main(seeds: list[int], steps: int, scenarios: list[str], out: Path, merge: bool) -> int:
-    rows = run_matrix(run_attack, seeds, scenarios, steps) if scenarios else []
+def attacks_main(seeds: list[int], steps: int, scenarios: list[str], out: Path, merge: bool, raw_lr: float) -> int:
+    run = functools.partial(run_attack, raw_lr=raw_lr)
+    rows = run_matrix(run, seeds, scenarios, steps) if scenarios else []
     if merge and out.is_file():  # keep the other (scenario, seed) rows of an earlier run at the same steps
         earlier = json.loads(out.read_text())
         if earlier.get("steps") != steps:
@@ -323,6 +328,8 @@ def main() -> int:
     p.add_argument("--attacks", action="store_true", help="the attack matrix instead of the fault one")
     p.add_argument("--merge", action="store_true", help="--attacks: replace only these scenarios' rows in --out, "
                    "keep the others (with --scenarios none: only tabulate --out again)")
+    p.add_argument("--raw-lr", type=float, default=RAW_LR, help=f"--attacks: optimizer.lr of the raw-wire scenarios "
+                   f"clean-raw and scale (default {RAW_LR})")
     p.add_argument("--screen-cost", metavar="N,N,...", help="instead: time the screen on N distinct payloads")
     p.add_argument("--repeats", type=int, default=3, help="--screen-cost: timings per N (default 3)")
     p.add_argument("--scenarios", help="subset of " + ",".join(SCENARIOS) + " (or, with --attacks, of " +
@@ -341,7 +348,8 @@ def main() -> int:
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(known)}")
     if args.attacks:
-        return attacks_main(seeds, steps, scenarios, args.out or Path("bench/results/stress-attacks.json"), args.merge)
+        return attacks_main(seeds, steps, scenarios, args.out or Path("bench/results/stress-attacks.json"), args.merge,
+                            args.raw_lr)
     rows = run_matrix(run_one, seeds, scenarios, steps)
     columns = ["scenario", "seed", "steps", "faults_injected", "dropped", "kills", "rejoins", "hash_mismatches",
                "nan_inf", "wall_s"]
