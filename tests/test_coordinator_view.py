@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import zlib
 
 import torch
 
@@ -49,7 +50,8 @@ class Sim:
     async def commit(self, s, url, run_id: str, step: int, rng: tuple[int, int]) -> str:
         model = sliced_model(build_model(CFG, seed=0), tier_spec(CFG, 3))
         replica = Replica.build(model, CFG, tier_spec(CFG, 3), small_run_config())
-        batch = torch.randint(0, CFG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(hash(self.name) % 97))
+        seed = zlib.crc32(self.name.encode())  # str hashes differ between processes: two sims could collide
+        batch = torch.randint(0, CFG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(seed))
         blob = replica.encode(replica.train(batch, 2, step=step, client_id=self.id).grads, step, self.id)
         sha = hashlib.sha256(blob).hexdigest()
         async with s.put(f"{url}/blobs/{sha}", data=blob, headers=self.auth) as r:
@@ -147,7 +149,9 @@ def test_commits_do_not_wake_the_view_the_accepted_set_and_its_update_do(tmp_pat
 
     run = small_run_config(**{"schedule.init_min_clients": 3, "schedule.global_batch_size": 6,
                               "schedule.heartbeat_timeout": 60.0, "network.data_plane": "update",
-                              "network.witnesses": 1})
+                              "network.witnesses": 1,
+                              # every result must be accepted: the screen's verdicts are tests/test_trust_*.py's
+                              "trust.screen": False})
     serve_coordinator(run, tmp_path / "run", TOKEN, body)
 
 
