@@ -16,8 +16,16 @@ client's share is the same sequences in every arm it appears in:
   L-own    tier 0 alone on slot 0 (L's share of the tokens)
   L-all    tier 0 alone on slots 0 and 1 (all the tokens of L+S)
   S-own    a tier-1-width model alone on slot 1 (S's share)
+  S-all    a tier-1-width model alone on slots 0 and 1 (all the tokens of L+S: the federated baseline)
+  S-distill a tier-1-width model on slot 1 (S's share, S's steps) distilled from L-all's final model of the same
+           seed (the best large model at equal total data): loss (1 - w) CE + w KL(teacher || student), w =
+           --kd-weight; L-all runs first in the same invocation, or its saved model is reused (--teacher-dir)
   L+S2     tier-aware shares: tier 0 on slot 0, tier 1 on slots 1 and 2 (the small client is ~2x faster)
   S-own2   a tier-1-width model alone on slots 1 and 2
+  L+S-help, 1+3-help   L+S and 1+3 in helper mode (the fork's disabled suffix sampling): on a share of the steps
+           (--helper-share) each tier-1 client trains its prefix plus one window of --helper-window FFN neurons of
+           the suffix per layer (the step's window, drawn per layer from the step), and its payload covers exactly
+           that region; aggregation stays region-normalised (see SuffixWindows)
 Held-out loss: `aftermath.evaluate` on the first --eval-batches x --eval-batch sequences of the val split, at
 tier 0 and tier 1 of whichever model the arm holds.
 
@@ -37,6 +45,8 @@ tokens with H = 1, and --lr is the outer (sign-apply) lr.
 Every exported tier trained (issue 23): --objectives own,sampled:0.5 runs each arm under each `train.objective`
 (sampled:S = own_share S; the network's own code, Replica.train), evaluates tier 2 and the Mix'n'Match specs
 between the tiers too, and --eval-every N records learning curves (--plot PNG draws them).
+Claims at scale (issue 16): --arms L+S,1+3,L-own,L-all,S-own,S-all,S-distill,L+S-help --schedule cosine (the
+network's lr schedule); --kd-weight for S-distill, --helper-window and --helper-share for the helper arms.
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ EXPORT_TIERS = (0, 1, 2)  # what the run exports, so what the sampled objective 
 class ClientPlan:
     tier: int
     slots: tuple[int, ...]
+    helper: bool = False  # helper mode: on some steps it also trains a window of the FFN suffix (see SuffixWindows)
 
 
 ARMS: dict[str, tuple[ClientPlan, ...]] = {
@@ -69,10 +80,15 @@ ARMS: dict[str, tuple[ClientPlan, ...]] = {
     "L-own": (ClientPlan(0, (0,)),),
     "L-all": (ClientPlan(0, (0, 1)),),
     "S-own": (ClientPlan(1, (1,)),),
+    "S-all": (ClientPlan(1, (0, 1)),),
+    "S-distill": (ClientPlan(1, (1,)),),
+    "L+S-help": (ClientPlan(0, (0,)), ClientPlan(1, (1,), helper=True)),
+    "1+3-help": (ClientPlan(0, (0,)), *(ClientPlan(1, (k,), helper=True) for k in (1, 2, 3))),
     "L+S2": (ClientPlan(0, (0,)), ClientPlan(1, (1, 2))),
     "S-own2": (ClientPlan(1, (1, 2)),),
 }
 DEFAULT_ARMS = ("L+S", "1+3", "L-own", "L-all", "S-own")
+TEACHER_ARM = {"S-distill": "L-all"}  # an arm distilled from another arm's final model (same settings and seed)
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,7 @@ class Settings:
     batch: int = 8  # sequences per slot
     optimizer: str = "distro"  # distro | adamw | muon
     lr: float = 1e-3
+    schedule: str = "constant"  # optimizer.schedule: constant, or cosine down to 0.1 x lr at the last step
     apply_mode: str = "sign"
     average_over: str = "selected"
     topk: int = 32
@@ -104,6 +121,9 @@ class Settings:
     threads: int = 1
     local_steps: int = 1  # optimizer.local_steps: `steps` counts inner steps, a round takes local_steps of them
     inner_lr: float = 1e-3  # optimizer.inner_lr (local_steps > 1)
+    kd_weight: float = 0.5  # S-distill: the KL term's weight (the rest is cross-entropy on the tokens)
+    helper_window: int = 64  # helper mode: FFN neurons of the suffix a helper trains on a helper step, per layer
+    helper_share: float = 0.5  # helper mode: the share of steps that are helper steps
 
 
 @dataclass(frozen=True)
@@ -111,14 +131,101 @@ class Job:
     arm: str
     seed: int
     settings: Settings
+    teacher: str | None = None  # L-all: where to save its final model; S-distill: where to load its teacher from
+
+
+def teacher_path(directory: Path, settings: Settings, seed: int) -> Path:
+    """Where L-all's final model of `settings` and `seed` is kept: named by a hash of every setting, so that a
+    teacher trained under other settings is never reused."""
+    import hashlib
+    import json
+
+    # what the teacher's training does not depend on stays out of the key
+    trained = {k: v for k, v in asdict(settings).items() if k not in ("kd_weight", "eval_every", "eval_batches")}
+    key = hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
+    return directory / f"L-all-{key}-seed{seed}.pt"
+
+
+class SuffixWindows:
+    """Helper mode in the simulation. On a helper step, layer l's window is FFN neurons [a_l, a_l + w) of the suffix
+    (outside tier 1's prefix [0, W/2)); a_l is drawn from the seed, the step and the layer. Every universal tensor
+    (the tier-0 replica's weights and momentum, each helper's suffix momentum) has the window's neurons swapped
+    with neurons [W/2, W/2 + w) before the step and back after it: a permutation of FFN neurons (gate/up rows,
+    down columns) computes the same function, and with w and a_l multiples of the DCT chunk it moves whole chunks,
+    so the step in the swapped frame is the step with the window in place. In that frame the helper's region
+    (prefix plus window) is the prefix spec `spec` (FFN width W/2 + w, tier 1's heads), so the protocol's own
+    payloads and region-normalised aggregation carry it unchanged. Simplification: the helper reads the window's
+    weights from the tier-0 replica (a network helper would need them sent)."""
+
+    def __init__(self, cfg: Any, tier1: Any, width: int, share: float, seed: int, chunk: int) -> None:
+        from aftermath.model.geometry import mix_spec
+
+        self.full = cfg.matformer_base_intermediate_size
+        self.half = tier1.ffn_widths[0]
+        self.width = width
+        self.share = share
+        self.seed = seed
+        if width <= 0 or width % chunk or (self.full - self.half) % width:
+            raise ValueError(f"--helper-window {width} must be a positive multiple of the chunk {chunk} that "
+                             f"divides the suffix width {self.full - self.half}")
+        self.windows = (self.full - self.half) // width
+        self.layers = cfg.num_hidden_layers
+        self.spec = mix_spec(cfg, "helper", [self.half + width] * self.layers, list(tier1.q_heads))
+
+    def starts(self, step: int) -> list[int] | None:
+        """Each layer's window start at `step`, or None when `step` is not a helper step."""
+        from aftermath.round.objective import unit_draw
+
+        if unit_draw(self.seed, "helper-step", step) >= self.share:
+            return None
+        return [self.half + self.width * int(unit_draw(self.seed, "helper-window", step, layer) * self.windows)
+                for layer in range(self.layers)]
+
+    def swap(self, tensors: dict[str, Any], starts: list[int]) -> None:
+        """Swap each layer's window with neurons [W/2, W/2 + w) in universal-shaped `tensors`, in place (its own
+        inverse)."""
+        import torch
+
+        with torch.no_grad():
+            for layer, a in enumerate(starts):
+                if a == self.half:
+                    continue
+                for kind, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                    t = tensors.get(f"model.layers.{layer}.mlp.{kind}.weight")
+                    if t is None:
+                        continue
+                    here = t.narrow(dim, self.half, self.width).clone()
+                    t.narrow(dim, self.half, self.width).copy_(t.narrow(dim, a, self.width))
+                    t.narrow(dim, a, self.width).copy_(here)
+
+    def train(self, universal: Any, client: dict, seqs: Any, step: int, cfg: Any, run: Any) -> tuple[bytes, float]:
+        """A helper step of `client` in the swapped frame: the prefix-plus-window model cut from `universal`, trained
+        by the network's own Replica (objective included), its DisTrO momentum joined from the client's prefix
+        momentum and its suffix momentum (kept in `client["suffix_momentum"]`, universal-shaped) and split back."""
+        from aftermath.model.geometry import region_slices
+        from aftermath.model.slicing import sliced_model
+        from aftermath.round.replica import Replica
+
+        replica = Replica.build(sliced_model(universal, self.spec), cfg, self.spec, run)
+        own, store = client["replica"].rule.momentum, client["suffix_momentum"]
+        joined = replica.rule.momentum
+        for name, m in joined.items():
+            m.copy_(store[name][region_slices(tuple(m.shape))])
+            m[region_slices(tuple(own[name].shape))] = own[name]
+        trained = replica.train(seqs, seqs.shape[0], step=step, client_id=client["id"])
+        blob = replica.encode(trained.grads, step, client["id"])
+        for name, m in joined.items():
+            store[name][region_slices(tuple(m.shape))] = m
+            own[name].copy_(m[region_slices(tuple(own[name].shape))])
+        return blob, trained.loss
 
 
 def run_config(s: Settings, run_id: str) -> Any:
-    """The run config an arm's replicas are built from (constant LR, no warmup: the arms compare at equal LR)."""
+    """The run config an arm's replicas are built from (no warmup; every arm of a run has the same schedule)."""
     from aftermath.runconfig import RunConfig
 
     overrides = {"run_id": run_id, "model.preset": s.preset, "optimizer.name": s.optimizer, "optimizer.lr": s.lr,
-                 "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
+                 "optimizer.schedule": s.schedule, "optimizer.warmup_steps": 0,
                  "schedule.total_steps": s.steps // s.local_steps, "optimizer.local_steps": s.local_steps,
                  "optimizer.inner_lr": s.inner_lr,
                  "data.seq_len": s.seq_len, "train.objective": s.objective, "train.own_share": s.own_share,
@@ -171,6 +278,24 @@ def run_job(job: Job) -> dict[str, Any]:
         clients.append({"id": f"c{i}", "plan": plan, "model": model, "spec": specs[plan.tier],
                         "replica": Replica.build(model, cfg, specs[plan.tier], run)})
 
+    teacher = None
+    if job.arm in TEACHER_ARM:
+        if inner > 1 or s.lookahead or s.overlap or s.joint:
+            raise ValueError(f"{job.arm} trains without --local-steps, --lookahead, --overlap and --joint")
+        teacher = build_model(cfg)
+        teacher.load_state_dict(torch.load(job.teacher, weights_only=True))
+        teacher.eval()
+
+    helpers = [c for c in clients if c["plan"].helper]
+    windows = None
+    if helpers:
+        if s.optimizer != "distro" or inner > 1 or s.lookahead or s.overlap or s.joint or universal_of(clients) is None:
+            raise ValueError(f"{job.arm}: helper mode is simulated for DisTrO with a tier-0 client, without "
+                             "--local-steps, --lookahead, --overlap and --joint")
+        windows = SuffixWindows(cfg, specs[1], s.helper_window, s.helper_share, job.seed, s.chunk)
+        for c in helpers:
+            c["suffix_momentum"] = {n: torch.zeros(sh) for n, sh in param_shapes(cfg, specs[0]).items()}
+
     stride = SLOTS_PER_STEP * s.batch
     train_losses: list[tuple[int, float]] = []
 
@@ -207,6 +332,12 @@ def run_job(job: Job) -> dict[str, Any]:
     for step in range(s.steps // inner):
         blobs = []
         step_loss = 0.0
+        starts = windows.starts(step) if windows else None
+        if starts:
+            frame = [dict(universal.named_parameters()), universal_of(clients)["replica"].rule.momentum,
+                     *(c["suffix_momentum"] for c in helpers)]
+            for tensors in frame:
+                windows.swap(tensors, starts)
         for c in clients:
             model, plan = c["model"], c["plan"]
             seqs = torch.cat([train.sequences(i * stride + k * s.batch, i * stride + (k + 1) * s.batch)
@@ -218,7 +349,15 @@ def run_job(job: Job) -> dict[str, Any]:
                 # the gradient is taken where this client expects the weights once the step in flight lands:
                 # the sign of its own last payload, at that step's lr (its replica is restored right after)
                 saved = lookahead(c, pending)
-            if s.objective == "own" and inner == 1:
+            if starts and plan.helper:
+                blob, loss = windows.train(universal, c, seqs, step, cfg, run)
+                step_loss += loss
+                blobs.append((c["id"], windows.spec, blob))
+                continue
+            if teacher is not None:
+                step_loss += distill_backward(c["replica"], model, teacher, seqs, step, c["id"], s.kd_weight)
+                grads = {n: p.grad for n, p in model.named_parameters()}
+            elif s.objective == "own" and inner == 1:
                 loss = model.loss(seqs[:, :-1], seqs[:, 1:])
                 total = loss
                 if s.joint and plan.tier == 0:
@@ -242,6 +381,9 @@ def run_job(job: Job) -> dict[str, Any]:
             pending = (step, blobs)
         else:
             apply_all(step, blobs)
+        if starts:
+            for tensors in frame:
+                windows.swap(tensors, starts)
         done = (step + 1) * inner  # inner steps trained so far: the x axis of every arm
         if step % 10 == 0 or done == s.steps:
             train_losses.append((step * inner, step_loss / len(clients)))
@@ -250,6 +392,11 @@ def run_job(job: Job) -> dict[str, Any]:
 
     if pending is not None:
         apply_all(*pending)
+    if job.arm in TEACHER_ARM.values() and job.teacher:
+        path = Path(job.teacher)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(universal.state_dict(), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)  # a distilled arm never reads half a teacher
     # the replicas agree on the region they share (tier-0 client's universal weights vs each tier-1 replica)
     max_diff = 0.0
     if universal is not None:
@@ -272,6 +419,36 @@ def run_job(job: Job) -> dict[str, Any]:
                                    for c in clients},
                   seconds=round(time.perf_counter() - start, 1))
     return result
+
+
+def universal_of(clients: list[dict]) -> dict | None:
+    """The arm's tier-0 client, if it has one."""
+    return next((c for c in clients if c["plan"].tier == 0), None)
+
+
+def distill_backward(replica: Any, model: Any, teacher: Any, seqs: Any, step: int, client_id: str,
+                     kd_weight: float) -> float:
+    """S-distill's gradient of one step into `model`'s .grad: every sequence at the spec the run's objective gives
+    it (`replica.sequence_groups`, as S-own trains), loss (1 - w) CE + w KL(teacher at tier 0 || student) per
+    token. Returns the step's cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    inputs, targets = seqs[:, :-1], seqs[:, 1:]
+    with torch.no_grad():
+        soft = F.log_softmax(teacher(inputs).float(), dim=-1)
+    n = seqs.shape[0]
+    for p in model.parameters():
+        p.grad = None
+    ce_sum = 0.0
+    for group in replica.sequence_groups(n, step, client_id):
+        rows = list(group.rows)
+        logp = F.log_softmax(model(inputs[rows], None if group.spec == model.spec else group.spec), dim=-1)
+        ce = F.nll_loss(logp.flatten(0, 1), targets[rows].flatten())
+        kl = F.kl_div(logp.flatten(0, 1), soft[rows].flatten(0, 1), log_target=True, reduction="batchmean")
+        ((1.0 - kd_weight) * ce + kd_weight * kl).mul(len(rows) / n * group.weight).backward()
+        ce_sum += float(ce.detach()) * len(rows) * group.weight
+    return ce_sum / n
 
 
 def objective_label(s: Settings) -> str:
@@ -374,6 +551,9 @@ def _claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pairs = [("L+S", "tier0_loss", "L-own", "L-all"), ("1+3", "tier0_loss", "L-own", "L-all"),
              ("L+S2", "tier0_loss", "L-own", "L-all"),
              ("L+S", "tier1_loss", "S-own", None), ("1+3", "tier1_loss", "S-own", None),
+             ("L+S", "tier1_loss", "S-all", None), ("L+S", "tier1_loss", "S-distill", None),
+             ("L+S-help", "tier0_loss", "L+S", None), ("L+S-help", "tier1_loss", "L+S", None),
+             ("1+3-help", "tier0_loss", "1+3", None), ("1+3-help", "tier1_loss", "1+3", None),
              ("L+S2", "tier1_loss", "S-own2", None)]
     lrs = sorted({r["lr"] for r in results})
     seeds = sorted({r["seed"] for r in results})
@@ -418,7 +598,8 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
         wire = "dense gradients"
     if settings.local_steps > 1:
         wire += f", {settings.local_steps} local AdamW steps per round at inner lr {settings.inner_lr:g}"
-    _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {wire}, {settings.apply_mode}, "
+    _common.print_table(f"Held-out loss after {settings.steps} steps ({settings.optimizer}, {settings.schedule} lr, "
+                        f"{wire}, {settings.apply_mode}, "
                         f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
                         console)
     claim_cols = ["lr", "co-trained", "tier", "versus", "gain (nats)", "wins", "share of L-all gain"]
@@ -494,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--muon-bands", default="nested", choices=["nested", "whole"],
                     help="nested: each band between tier boundaries (any tier); whole: whole matrices (tier 0 only)")
     ap.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3 distro, 3e-3 adamw)")
+    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                    help="lr schedule: constant (default), or cosine down to 0.1 x lr at the last step (the network's)")
     ap.add_argument("--lrs", default=None, help="comma-separated lrs: run every arm at each (an lr sweep)")
     ap.add_argument("--apply-mode", default="sign", choices=["sign", "raw"])
     ap.add_argument("--average-over", default="selected", choices=["selected", "covering"])
@@ -516,6 +699,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=0, help="record held-out loss of every evaluated spec every "
                     "N steps (learning curves; default 0: at the end only)")
     ap.add_argument("--plot", default=None, help="write the learning curves (needs --eval-every) to this PNG")
+    ap.add_argument("--kd-weight", type=float, default=0.5, help="S-distill: weight of the KL term against the "
+                    "teacher (the rest is cross-entropy; default 0.5)")
+    ap.add_argument("--helper-window", type=int, default=64, help="helper arms: FFN neurons of the suffix a "
+                    "helper trains per layer on a helper step (a multiple of --chunk; default 64)")
+    ap.add_argument("--helper-share", type=float, default=0.5, help="helper arms: the share of steps that are "
+                    "helper steps (default 0.5)")
+    ap.add_argument("--teacher-dir", default=None, help="where L-all's final models are kept for S-distill "
+                    "(default: the aftermath cache's cotrain-teachers)")
     ap.add_argument("--eval-batches", type=int, default=None, help="val batches of --eval-batch (default 16)")
     ap.add_argument("--jobs", type=int, default=2, help="arms run in this many processes at once")
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'raw apply')")
@@ -536,19 +727,37 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         preset=args.preset or ("tiny" if quick else "small"), steps=args.steps or (20 if quick else 300),
         seq_len=args.seq_len or (32 if quick else 128), batch=args.batch or (4 if quick else 8),
-        optimizer=args.optimizer, lr=lrs[0], orthogonalizer=args.orthogonalizer, muon_lr=args.muon_lr,
+        optimizer=args.optimizer, lr=lrs[0], schedule=args.schedule, orthogonalizer=args.orthogonalizer,
+        muon_lr=args.muon_lr,
         muon_bands=args.muon_bands, apply_mode=args.apply_mode, average_over=args.average_over,
         topk=args.topk, one_bit=args.one_bit, value_dtype=args.value_dtype, chunk=args.chunk, momentum_decay=args.momentum_decay,
         overlap=args.overlap, lookahead=args.lookahead, joint=args.joint, eval_every=args.eval_every,
-        local_steps=args.local_steps, inner_lr=args.inner_lr,
+        local_steps=args.local_steps, inner_lr=args.inner_lr, kd_weight=args.kd_weight,
+        helper_window=args.helper_window, helper_share=args.helper_share,
         eval_batches=args.eval_batches or (2 if quick else 16),
         eval_batch=8 if quick else 16)
     seeds = [int(x) for x in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
     objectives = parse_objectives(args.objectives)
-    jobs = [Job(arm, seed, replace(settings, lr=lr, objective=name, own_share=share))
-            for lr in lrs for name, share in objectives for seed in seeds for arm in arms]
+    from aftermath.data.cache import cache_root
+    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else cache_root() / "cotrain-teachers"
+    jobs = []
+    for lr in lrs:
+        for name, share in objectives:
+            for seed in seeds:
+                for arm in arms:
+                    job_settings = replace(settings, lr=lr, objective=name, own_share=share)
+                    saved = None
+                    if arm in TEACHER_ARM or (arm in TEACHER_ARM.values() and any(a in TEACHER_ARM for a in arms)):
+                        saved = str(teacher_path(teacher_dir, job_settings, seed))
+                    jobs.append(Job(arm, seed, job_settings, saved))
+    missing = [j for j in jobs if j.arm in TEACHER_ARM and TEACHER_ARM[j.arm] not in arms
+               and not Path(j.teacher).is_file()]
+    if missing:
+        ap.error(f"{missing[0].arm} distils {TEACHER_ARM[missing[0].arm]}'s final model, which is not saved for these "
+                 f"settings (seed {missing[0].seed}): add {TEACHER_ARM[missing[0].arm]} to --arms")
     # longest first, so two workers finish together
     weight = {a: sum(len(c.slots) * (1.0 if c.tier == 0 else 0.6) for c in ARMS[a]) for a in ARMS}
+    weight.update({a: weight[a] + 0.5 for a in TEACHER_ARM})  # the teacher's forward
     jobs.sort(key=lambda j: -weight[j.arm])
 
     from rich.console import Console
@@ -558,12 +767,26 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = []
     ctx = mp.get_context("spawn")
+    # a distilled arm waits for its teacher's job (the same settings and seed) when this run trains the teacher
+    waiting = [j for j in jobs if j.arm in TEACHER_ARM and TEACHER_ARM[j.arm] in arms]
     with ctx.Pool(max(1, min(args.jobs, len(jobs)))) as pool:
-        for r in pool.imap_unordered(run_job, jobs):
-            results.append(r)
-            console.print(f"  [{len(results)}/{len(jobs)}] {r['arm']:7s} seed {r['seed']} lr {r['lr']:g}: "
-                          f"tier0 {r['tier0_loss'] if r['tier0_loss'] is None else round(r['tier0_loss'], 4)}  "
-                          f"tier1 {r['tier1_loss']:.4f}  ({r['seconds']:.0f} s)")
+        running = [(j, pool.apply_async(run_job, (j,))) for j in jobs if j not in waiting]
+        while running:
+            done = [(j, a) for j, a in running if a.ready()]
+            if not done:
+                time.sleep(0.5)
+                continue
+            for j, a in done:
+                running.remove((j, a))
+                released = [w for w in waiting if TEACHER_ARM[w.arm] == j.arm and w.teacher == j.teacher]
+                for w in released:
+                    waiting.remove(w)
+                    running.append((w, pool.apply_async(run_job, (w,))))
+                r = a.get()
+                results.append(r)
+                console.print(f"  [{len(results)}/{len(jobs)}] {r['arm']:9s} seed {r['seed']} lr {r['lr']:g}: "
+                              f"tier0 {r['tier0_loss'] if r['tier0_loss'] is None else round(r['tier0_loss'], 4)}  "
+                              f"tier1 {r['tier1_loss']:.4f}  ({r['seconds']:.0f} s)")
     path = report(results, settings, quick, lrs, seeds, arms, args.label, args.out, time.perf_counter() - t0, console,
                   args.plot)
     console.print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")

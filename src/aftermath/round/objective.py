@@ -45,7 +45,7 @@ def narrower_exported(universal: MatFormerConfig, own: TierSpec, export_tiers: S
     return [s for s in specs if s.fits_within(own) and s.layers != own.layers]
 
 
-def _unit(*parts: Any) -> float:
+def unit_draw(*parts: Any) -> float:
     """A number in [0, 1) from sha256 of `parts`: the same on every machine and Python version."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2.0 ** 64
@@ -60,8 +60,8 @@ def split_batch(objective: str, own_share: float, own: TierSpec, narrower: Seque
         every = tuple(range(sequences))
         rest = (1.0 - own_share) / len(narrower)
         return [SequenceGroup(own, every, own_share), *(SequenceGroup(s, every, rest) for s in narrower)]
-    order = sorted(range(sequences), key=lambda i: _unit(seed, run_id, step, client_id, "row", i))
-    offset = _unit(seed, run_id, step, client_id, "offset")
+    order = sorted(range(sequences), key=lambda i: unit_draw(seed, run_id, step, client_id, "row", i))
+    offset = unit_draw(seed, run_id, step, client_id, "offset")
     rows: dict[int, list[int]] = {}
     for position, row in enumerate(order):
         u = (position + offset) / sequences  # evenly spaced in [0, 1): systematic sampling
