@@ -514,26 +514,49 @@ def objective_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_curves(rows: list[dict[str, Any]], path: str) -> None:
-    """Learning curves (held-out loss against step) of every evaluated spec, one panel per objective."""
+def plot_curves(rows: list[dict[str, Any]], path: str) -> list[str]:
+    """Learning curves (held-out loss against step, mean over seeds): PATH has every evaluated spec, one panel per
+    arm and objective; PATH's `-tiers` sibling has tier 0 and tier 1 of every arm side by side. Returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4.5), sharey=True, squeeze=False)
-    for ax, row in zip(axes[0], rows):
+    columns = min(4, len(rows))
+    grid = -(-len(rows) // columns)
+    fig, axes = plt.subplots(grid, columns, figsize=(5 * columns, 4 * grid), sharey=True, squeeze=False)
+    for ax, row in zip(axes.flat, rows):
         for name, curve in row["curve"].items():
             ax.plot(row["steps"], curve, marker="o", ms=3, label=name,
                     linestyle="-" if name.startswith("tier") else "--")
         ax.set_title(f"{row['arm']}, objective {row['objective']} ({row['seeds']} seed(s))")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out loss")
-    axes[0][-1].legend(fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("held-out loss")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+    tiers_path = str(Path(path).with_name(Path(path).stem + "-tiers" + Path(path).suffix))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, tier in zip(axes, ("tier0", "tier1")):
+        for row in rows:
+            if tier in row["curve"]:
+                ax.plot(row["steps"], row["curve"][tier], marker="o", ms=3, label=f"{row['arm']} ({row['objective']})")
+        ax.set_title(f"{tier}: held-out loss, mean over seeds")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("held-out loss")
+    fig.tight_layout()
+    fig.savefig(tiers_path, dpi=100)
+    plt.close(fig)
+    return [path, tiers_path]
 
 
 def claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -622,8 +645,7 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
         _common.print_table(f"Every evaluated spec, held-out loss at step {settings.steps} (mean over seeds)",
                             tier_cols, tier_rows, console)
     if plot and tiers:
-        plot_curves(tiers, plot)
-        console.print(f"wrote {plot}")
+        console.print(f"wrote {', '.join(plot_curves(tiers, plot))}")
     path = _common.write_json(out, {
         "benchmark": "cotrain", "label": label, "quick": quick, "complete": True,
         "settings": asdict(settings), "lrs": lrs, "seeds": seeds, "arms": arms,
