@@ -31,6 +31,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 minutes, when the JSON was written
     }
     try:
         info["git_commit"] = subprocess.run(
