@@ -486,6 +486,10 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[key] = statistics.fmean(vals) if vals else None
             row[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
         row["seconds"] = statistics.fmean(r["seconds"] for r in rs)
+        # how far the arm's tier 1 is behind its tier 0, seed by seed (tiers separate when this beats the spread)
+        gaps = [r["tier1_loss"] - r["tier0_loss"] for r in rs if r["tier0_loss"] is not None]
+        row["tier_gap"] = statistics.fmean(gaps) if gaps else None
+        row["tier_gap_std"] = statistics.stdev(gaps) if len(gaps) > 1 else (0.0 if gaps else None)
         row["replicas_agree"] = all(r["replicas_max_abs_diff"] == 0.0 for r in rs)
         rows.append(row)
     order = list(ARMS)
@@ -594,6 +598,7 @@ def _claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if gains:
                 out.append({"lr": lr, "arm": arm, "tier": key[4], "versus": alone, "seeds": len(gains),
                             "gain_mean": statistics.fmean(gains), "wins": sum(g > 0 for g in gains),
+                            "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
                             "fraction_of_all_tokens_gain": statistics.fmean(fractions) if fractions else None})
     return out
 
@@ -607,10 +612,11 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
     def pm(mean: float | None, std: float | None) -> str | None:
         return None if mean is None else f"{mean:.4f} ± {std:.4f}"
 
-    table_cols = ["arm", "lr", "objective", "seeds", "tier-0 val loss", "tier-1 val loss", "replicas agree", "s/run"]
+    table_cols = ["arm", "lr", "objective", "seeds", "tier-0 val loss", "tier-1 val loss", "tier 1 - tier 0",
+                  "replicas agree", "s/run"]
     table_rows = [[r["arm"], f"{r['lr']:g}", r["objective"], r["seeds"], pm(r["tier0_loss"], r["tier0_loss_std"]),
-                   pm(r["tier1_loss"], r["tier1_loss_std"]), "yes" if r["replicas_agree"] else "NO",
-                   round(r["seconds"])] for r in rows]
+                   pm(r["tier1_loss"], r["tier1_loss_std"]), pm(r.get("tier_gap"), r.get("tier_gap_std")),
+                   "yes" if r["replicas_agree"] else "NO", round(r["seconds"])] for r in rows]
     wire = (f"top-{settings.topk}{' 1-bit' if settings.one_bit else ' ' + settings.value_dtype}, "
             f"chunk {settings.chunk}, "
             f"decay {settings.momentum_decay:g}"
@@ -625,8 +631,8 @@ def report(results: list[dict[str, Any]], settings: Settings, quick: bool, lrs: 
                         f"{wire}, {settings.apply_mode}, "
                         f"{settings.average_over}{', joint' if settings.joint else ''})", table_cols, table_rows,
                         console)
-    claim_cols = ["lr", "co-trained", "tier", "versus", "gain (nats)", "wins", "share of L-all gain"]
-    claim_rows = [[f"{g['lr']:g}", g["arm"], g["tier"], g["versus"], f"{g['gain_mean']:+.4f}",
+    claim_cols = ["lr", "co-trained", "tier", "versus", "gain (nats, ± over seeds)", "wins", "share of L-all gain"]
+    claim_rows = [[f"{g['lr']:g}", g["arm"], g["tier"], g["versus"], f"{g['gain_mean']:+.4f} ± {g['gain_std']:.4f}",
                    f"{g['wins']}/{g['seeds']}",
                    None if g["fraction_of_all_tokens_gain"] is None else f"{g['fraction_of_all_tokens_gain']:.2f}"]
                   for g in gains]
