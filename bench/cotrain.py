@@ -286,10 +286,11 @@ def run_job(job: Job) -> dict[str, Any]:
         teacher.load_state_dict(torch.load(job.teacher, weights_only=True))
         teacher.eval()
 
+    tier0 = next((c for c in clients if c["plan"].tier == 0), None)  # the arm's tier-0 client, if it has one
     helpers = [c for c in clients if c["plan"].helper]
     windows = None
     if helpers:
-        if s.optimizer != "distro" or inner > 1 or s.lookahead or s.overlap or s.joint or universal_of(clients) is None:
+        if s.optimizer != "distro" or inner > 1 or s.lookahead or s.overlap or s.joint or tier0 is None:
             raise ValueError(f"{job.arm}: helper mode is simulated for DisTrO with a tier-0 client, without "
                              "--local-steps, --lookahead, --overlap and --joint")
         windows = SuffixWindows(cfg, specs[1], s.helper_window, s.helper_share, job.seed, s.chunk)
@@ -306,7 +307,7 @@ def run_job(job: Job) -> dict[str, Any]:
             replica.apply([replica.decode(data, step, cid, spec) for cid, spec, data in blobs], step)
 
     pending: tuple[int, list] | None = None  # overlapped: the step still to apply, and its payloads
-    universal = next((c["model"] for c in clients if c["plan"].tier == 0), None)
+    universal = tier0["model"] if tier0 is not None else None
     holder = universal if universal is not None else clients[0]["model"]
     # held-out loss at every exported tier the arm's model holds and the Mix'n'Match specs between them
     evaluated = [sp for sp in [*specs.values(), *mix_specs_between(cfg, EXPORT_TIERS)] if sp.fits_within(holder.spec)]
@@ -334,7 +335,7 @@ def run_job(job: Job) -> dict[str, Any]:
         step_loss = 0.0
         starts = windows.starts(step) if windows else None
         if starts:
-            frame = [dict(universal.named_parameters()), universal_of(clients)["replica"].rule.momentum,
+            frame = [dict(universal.named_parameters()), tier0["replica"].rule.momentum,
                      *(c["suffix_momentum"] for c in helpers)]
             for tensors in frame:
                 windows.swap(tensors, starts)
@@ -419,11 +420,6 @@ def run_job(job: Job) -> dict[str, Any]:
                                    for c in clients},
                   seconds=round(time.perf_counter() - start, 1))
     return result
-
-
-def universal_of(clients: list[dict]) -> dict | None:
-    """The arm's tier-0 client, if it has one."""
-    return next((c for c in clients if c["plan"].tier == 0), None)
 
 
 def distill_backward(replica: Any, model: Any, teacher: Any, seqs: Any, step: int, client_id: str,
